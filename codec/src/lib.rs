@@ -1,0 +1,2 @@
+//! Flare's wire protocol, sans-IO.
+pub mod frame;

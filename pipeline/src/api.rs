@@ -1,0 +1,177 @@
+//! What the gateway and the pipeline say to each other.
+//!
+//! Every gateway endpoint (each shard, and the admin server) has one mailbox queue
+//! to the pipeline for [`Request`]s and one mailbox from it for [`Event`]s. Each
+//! queue is FIFO, so an endpoint sees events in the order the pipeline made them:
+//! a session's catch-up page always arrives before live entries that follow it.
+
+use std::sync::Arc;
+
+use flare_codec::frame::{ErrorCode, Target};
+
+/// Which gateway endpoint: shard index `0..shards`, the admin server is `shards`.
+pub type Endpoint = u16;
+
+/// One connection somewhere in this node: its endpoint and the endpoint's
+/// generation-checked connection id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConnRef {
+    pub endpoint: Endpoint,
+    pub conn: u64,
+}
+
+/// A message as accepted and made durable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub msg_id: u64,
+    pub ts: u64,
+    pub from: String,
+    pub from_device: String,
+    pub to: Target,
+    pub body: String,
+}
+
+/// One inbox entry: a message at a position of one user's inbox.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub seq: u64,
+    pub msg: Arc<Message>,
+}
+
+/// Requests from gateway endpoints. User, device, group and client ids are already
+/// validated by the gateway (PROTOCOL.md §2); bodies are within `max_body_bytes`.
+#[derive(Debug)]
+pub enum Request {
+    /// A session authenticated. `last_seq` is `auth.last_seq`.
+    Open {
+        conn: ConnRef,
+        user: String,
+        device: String,
+        last_seq: Option<u64>,
+    },
+    /// The connection wrote the previous catch-up page; send the next after `after`.
+    CatchUp { conn: ConnRef, after: u64 },
+    /// The connection is gone (closed, replaced, kicked, timed out).
+    Closed { conn: ConnRef },
+    /// A client `send`.
+    Send {
+        conn: ConnRef,
+        id: String,
+        to: Target,
+        body: String,
+    },
+    /// A client `ack` (cumulative).
+    Ack { conn: ConnRef, seq: u64 },
+    /// A client `sync` page request; `limit` is already in 1..=1000.
+    Sync { conn: ConnRef, after: u64, limit: u32 },
+    /// An admin API call; the answer comes back as `Event::Admin` with the same `token`.
+    Admin { token: u64, op: AdminOp },
+}
+
+/// Admin API operations (PROTOCOL.md §8).
+#[derive(Debug)]
+pub enum AdminOp {
+    /// `id: None` means the caller gave none: the message is not deduplicated.
+    PostMessage {
+        from: String,
+        to: Target,
+        body: String,
+        id: Option<String>,
+    },
+    PutGroup { group: String, members: Vec<String> },
+    ModifyGroup { group: String, add: Vec<String>, remove: Vec<String> },
+    GetGroup { group: String },
+    PutBlocked { user: String, users: Vec<String> },
+    Presence { user: String },
+    Kick { user: String, device: Option<String> },
+    /// Counters for `/metrics` and whether the log is healthy, for `/readyz`.
+    Stats,
+}
+
+/// Events for one gateway endpoint.
+#[derive(Debug)]
+pub enum Event {
+    /// Answer to `Open`: the session is registered. `entries` is the first catch-up
+    /// page (`seq > after`, ascending). While `caught_up` is false the pipeline holds
+    /// back live entries for this connection; the gateway writes the page and asks
+    /// for the next with `CatchUp`. Once a page comes with `caught_up: true`, live
+    /// entries follow as `Deliver`.
+    Opened {
+        conn: ConnRef,
+        head_seq: u64,
+        entries: Vec<Entry>,
+        caught_up: bool,
+    },
+    /// Answer to `CatchUp`.
+    CatchUpPage {
+        conn: ConnRef,
+        entries: Vec<Entry>,
+        caught_up: bool,
+    },
+    /// Live inbox entries for connections of this endpoint, in commit order.
+    Deliver { items: Vec<(u64, Entry)> },
+    /// Answer to `Send` once the message is durable (or a duplicate).
+    SendOk {
+        conn: ConnRef,
+        id: String,
+        msg_id: u64,
+        ts: u64,
+        dup: bool,
+    },
+    /// `Send` refused: `Forbidden`, `Unavailable` or `Internal`.
+    SendFailed {
+        conn: ConnRef,
+        id: String,
+        code: ErrorCode,
+        message: String,
+    },
+    /// Answer to `Sync`: the page, then the `sync_done` fields.
+    SyncPage {
+        conn: ConnRef,
+        entries: Vec<Entry>,
+        after: u64,
+        last: u64,
+        more: bool,
+        truncated: bool,
+    },
+    /// A newer session of the same user and device opened: goaway `replaced`, close 4003.
+    Replaced { conn: u64 },
+    /// Kicked by the admin API: goaway `kicked`, close 4003.
+    Kicked { conn: u64 },
+    /// Answer to an admin call.
+    Admin { token: u64, reply: AdminReply },
+}
+
+/// Answers to [`AdminOp`]s.
+#[derive(Debug)]
+pub enum AdminReply {
+    Posted { msg_id: u64, ts: u64, dup: bool },
+    /// A refused admin post: `Forbidden` (not a member, blocked), `Unavailable`.
+    Refused { code: ErrorCode, message: String },
+    Done,
+    Group { group: String, members: Option<Vec<String>> },
+    Presence { user: String, devices: Vec<DevicePresence> },
+    Stats(Stats),
+}
+
+/// One online device of a user.
+#[derive(Debug, Clone)]
+pub struct DevicePresence {
+    pub device: String,
+    pub node: String,
+    /// Session start, ms since the Unix epoch.
+    pub since: u64,
+}
+
+/// Pipeline counters.
+#[derive(Debug, Clone, Default)]
+pub struct Stats {
+    pub messages_accepted: u64,
+    pub messages_dup: u64,
+    pub log_commits: u64,
+    pub log_bytes: u64,
+    pub log_healthy: bool,
+    pub sessions: u64,
+    pub users: u64,
+    pub inbox_entries: u64,
+}

@@ -1,0 +1,2 @@
+//! Flare's message pipeline: orchestrator, storage and push.
+pub mod api;

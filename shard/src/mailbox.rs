@@ -1,0 +1,236 @@
+//! Bounded, lock-free mailboxes between threads: one queue per (sender, receiver)
+//! pair, and one wake-up descriptor per receiver.
+//!
+//! A sender pushes into its own `ArrayQueue` and, only when the receiver said it is
+//! about to sleep, writes one byte to the receiver's wake socket. The receiver
+//! drains its queues, announces sleep, checks once more, and then waits for its
+//! wake descriptor to become readable with whatever runtime it runs (monoio on the
+//! shards, glommio in the pipeline). A full queue is backpressure: `send` gives the
+//! value back and the caller decides.
+//!
+//! The wake descriptor is one end of a non-blocking `AF_UNIX` socket pair rather than
+//! an eventfd: monoio (both drivers) and glommio can await a socket's readiness
+//! natively, so no runtime needs a blocking read.
+
+use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use crossbeam_queue::ArrayQueue;
+
+struct Wake {
+    sleeping: AtomicBool,
+    tx: UnixStream,
+}
+
+impl Wake {
+    fn notify(&self) {
+        if self.sleeping.swap(false, Ordering::SeqCst) {
+            // A full socket buffer means a wake-up is already pending: that is fine.
+            let _ = (&self.tx).write(&[1]);
+        }
+    }
+}
+
+/// The sending side of one (sender, receiver) pair. Not `Clone`: one owner.
+pub struct Sender<T> {
+    queue: Arc<ArrayQueue<T>>,
+    wake: Arc<Wake>,
+}
+
+/// The value could not be queued: the receiver is behind. The value is given back.
+#[derive(Debug)]
+pub struct Full<T>(pub T);
+
+impl<T> Sender<T> {
+    /// Queues `value` and wakes the receiver if it sleeps.
+    pub fn send(&self, value: T) -> Result<(), Full<T>> {
+        match self.queue.push(value) {
+            Ok(()) => {
+                self.wake.notify();
+                Ok(())
+            }
+            Err(v) => {
+                // Wake it anyway: it must drain before we can make progress.
+                self.wake.notify();
+                Err(Full(v))
+            }
+        }
+    }
+
+    /// How many values wait in this pair's queue.
+    pub fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Whether this pair's queue is empty.
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+}
+
+/// The receiving side: all queues addressed to one thread.
+pub struct Receiver<T> {
+    queues: Vec<Arc<ArrayQueue<T>>>,
+    wake: Arc<Wake>,
+    rx: Option<UnixStream>,
+    next: usize,
+}
+
+impl<T> Receiver<T> {
+    /// Takes one value, visiting the senders' queues round-robin so no sender starves.
+    pub fn try_recv(&mut self) -> Option<T> {
+        let n = self.queues.len();
+        for i in 0..n {
+            let q = (self.next + i) % n;
+            if let Some(v) = self.queues[q].pop() {
+                self.next = (q + 1) % n;
+                return Some(v);
+            }
+        }
+        None
+    }
+
+    /// Announces that the receiver is about to wait. Returns `false` when a value
+    /// arrived meanwhile: then do not wait, receive again.
+    pub fn prepare_wait(&self) -> bool {
+        self.wake.sleeping.store(true, Ordering::SeqCst);
+        if self.queues.iter().any(|q| !q.is_empty()) {
+            self.wake.sleeping.store(false, Ordering::SeqCst);
+            return false;
+        }
+        true
+    }
+
+    /// Hands the readable end of the wake socket to the runtime that waits on it.
+    /// After each wake-up the owner must call [`drain_wake`] on it.
+    pub fn take_wake_socket(&mut self) -> Option<UnixStream> {
+        self.rx.take()
+    }
+}
+
+/// Reads every pending wake-up byte from a non-blocking wake socket.
+pub fn drain_wake(mut rx: &UnixStream) {
+    let mut buf = [0u8; 64];
+    loop {
+        match rx.read(&mut buf) {
+            Ok(n) if n == buf.len() => continue,
+            _ => return,
+        }
+    }
+}
+
+/// Makes a mailbox with `senders` independent bounded queues of `capacity` each.
+pub fn mailbox<T>(senders: usize, capacity: usize) -> io::Result<(Vec<Sender<T>>, Receiver<T>)> {
+    assert!(senders > 0, "a mailbox needs at least one sender");
+    assert!(capacity > 0, "a mailbox queue needs a capacity");
+    let (tx, rx) = UnixStream::pair()?;
+    tx.set_nonblocking(true)?;
+    rx.set_nonblocking(true)?;
+    let wake = Arc::new(Wake {
+        sleeping: AtomicBool::new(false),
+        tx,
+    });
+    let queues: Vec<_> = (0..senders).map(|_| Arc::new(ArrayQueue::new(capacity))).collect();
+    let txs = queues
+        .iter()
+        .map(|q| Sender {
+            queue: q.clone(),
+            wake: wake.clone(),
+        })
+        .collect();
+    Ok((
+        txs,
+        Receiver {
+            queues,
+            wake,
+            rx: Some(rx),
+            next: 0,
+        },
+    ))
+}
+
+/// Waits on a wake socket from a monoio runtime.
+pub struct MonoioWaker {
+    stream: monoio::net::UnixStream,
+    std: UnixStream,
+}
+
+impl MonoioWaker {
+    /// Wraps the wake socket taken from [`Receiver::take_wake_socket`].
+    pub fn new(rx: UnixStream) -> io::Result<Self> {
+        let std = rx.try_clone()?;
+        let stream = monoio::net::UnixStream::from_std(rx)?;
+        Ok(Self { stream, std })
+    }
+
+    /// Waits until a sender wrote a wake-up, then consumes it.
+    pub async fn wait(&self) -> io::Result<()> {
+        self.stream.readable(false).await?;
+        drain_wake(&self.std);
+        Ok(())
+    }
+}
+
+/// Receives the next value, waiting on `waker` while every queue is empty.
+pub async fn recv_monoio<T>(rx: &mut Receiver<T>, waker: &MonoioWaker) -> io::Result<T> {
+    loop {
+        if let Some(v) = rx.try_recv() {
+            return Ok(v);
+        }
+        if rx.prepare_wait() {
+            waker.wait().await?;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_robin_and_backpressure() {
+        let (txs, mut rx) = mailbox::<u32>(2, 2).unwrap();
+        txs[0].send(1).unwrap();
+        txs[0].send(2).unwrap();
+        assert!(matches!(txs[0].send(3), Err(Full(3))));
+        txs[1].send(10).unwrap();
+        let got: Vec<_> = std::iter::from_fn(|| rx.try_recv()).collect();
+        assert_eq!(got, vec![1, 10, 2]);
+    }
+
+    #[test]
+    fn wakes_a_sleeping_receiver_across_threads() {
+        let (mut txs, mut rx) = mailbox::<u64>(1, 1024).unwrap();
+        let sock = rx.take_wake_socket().unwrap();
+        let tx = txs.pop().unwrap();
+        let producer = std::thread::spawn(move || {
+            for i in 0..10_000u64 {
+                let mut v = i;
+                loop {
+                    match tx.send(v) {
+                        Ok(()) => break,
+                        Err(Full(back)) => {
+                            v = back;
+                            std::thread::yield_now();
+                        }
+                    }
+                }
+            }
+        });
+        let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new().build().unwrap();
+        let sum = rt.block_on(async move {
+            let waker = MonoioWaker::new(sock).unwrap();
+            let mut sum = 0u64;
+            for expect in 0..10_000u64 {
+                let v = recv_monoio(&mut rx, &waker).await.unwrap();
+                assert_eq!(v, expect, "one sender's values arrive in order");
+                sum += v;
+            }
+            sum
+        });
+        producer.join().unwrap();
+        assert_eq!(sum, (0..10_000u64).sum::<u64>());
+    }
+}
