@@ -63,7 +63,11 @@ pub enum Request {
     /// A client `ack` (cumulative).
     Ack { conn: ConnRef, seq: u64 },
     /// A client `sync` page request; `limit` is already in 1..=1000.
-    Sync { conn: ConnRef, after: u64, limit: u32 },
+    Sync {
+        conn: ConnRef,
+        after: u64,
+        limit: u32,
+    },
     /// An admin API call; the answer comes back as `Event::Admin` with the same `token`.
     Admin { token: u64, op: AdminOp },
 }
@@ -78,12 +82,29 @@ pub enum AdminOp {
         body: String,
         id: Option<String>,
     },
-    PutGroup { group: String, members: Vec<String> },
-    ModifyGroup { group: String, add: Vec<String>, remove: Vec<String> },
-    GetGroup { group: String },
-    PutBlocked { user: String, users: Vec<String> },
-    Presence { user: String },
-    Kick { user: String, device: Option<String> },
+    PutGroup {
+        group: String,
+        members: Vec<String>,
+    },
+    ModifyGroup {
+        group: String,
+        add: Vec<String>,
+        remove: Vec<String>,
+    },
+    GetGroup {
+        group: String,
+    },
+    PutBlocked {
+        user: String,
+        users: Vec<String>,
+    },
+    Presence {
+        user: String,
+    },
+    Kick {
+        user: String,
+        device: Option<String>,
+    },
     /// Counters for `/metrics` and whether the log is healthy, for `/readyz`.
     Stats,
 }
@@ -145,12 +166,25 @@ pub enum Event {
 /// Answers to [`AdminOp`]s.
 #[derive(Debug)]
 pub enum AdminReply {
-    Posted { msg_id: u64, ts: u64, dup: bool },
+    Posted {
+        msg_id: u64,
+        ts: u64,
+        dup: bool,
+    },
     /// A refused admin post: `Forbidden` (not a member, blocked), `Unavailable`.
-    Refused { code: ErrorCode, message: String },
+    Refused {
+        code: ErrorCode,
+        message: String,
+    },
     Done,
-    Group { group: String, members: Option<Vec<String>> },
-    Presence { user: String, devices: Vec<DevicePresence> },
+    Group {
+        group: String,
+        members: Option<Vec<String>>,
+    },
+    Presence {
+        user: String,
+        devices: Vec<DevicePresence>,
+    },
     Stats(Stats),
 }
 

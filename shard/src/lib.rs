@@ -8,4 +8,8 @@
 //! connection ids, and [`timer`] is the hashed timer wheel that keeps auth deadlines
 //! and heartbeats without a timer per connection. Nothing here knows about messaging.
 
+pub mod launch;
+pub mod listener;
 pub mod mailbox;
+pub mod slab;
+pub mod timer;

@@ -132,7 +132,9 @@ pub fn mailbox<T>(senders: usize, capacity: usize) -> io::Result<(Vec<Sender<T>>
         sleeping: AtomicBool::new(false),
         tx,
     });
-    let queues: Vec<_> = (0..senders).map(|_| Arc::new(ArrayQueue::new(capacity))).collect();
+    let queues: Vec<_> = (0..senders)
+        .map(|_| Arc::new(ArrayQueue::new(capacity)))
+        .collect();
     let txs = queues
         .iter()
         .map(|q| Sender {
@@ -219,7 +221,9 @@ mod tests {
                 }
             }
         });
-        let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new().build().unwrap();
+        let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+            .build()
+            .unwrap();
         let sum = rt.block_on(async move {
             let waker = MonoioWaker::new(sock).unwrap();
             let mut sum = 0u64;

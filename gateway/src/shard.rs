@@ -1,0 +1,398 @@
+//! One gateway shard: the connections it accepted, their sessions, its timer wheel
+//! and its two mailboxes with the pipeline. Everything here runs on the shard's own
+//! monoio thread; nothing is shared with other shards.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use flare_codec::frame::{Encoding, GoawayReason, ServerFrame};
+use flare_pipeline::api::{ConnRef, Entry, Event, Request};
+use flare_shard::mailbox::{self, MonoioWaker, Receiver, Sender};
+use flare_shard::slab::Slab;
+use flare_shard::timer::TimerWheel;
+
+use crate::config::Limits;
+use crate::conn::{self, Conn, Phase};
+use crate::metrics::ShardMetrics;
+use crate::notify::Notify;
+
+/// Resolution of the shard's timer wheel.
+pub const TICK_MS: u64 = 50;
+const WHEEL_SLOTS: usize = 4096;
+/// Size of the shard-owned read buffer that every connection reads into.
+pub const READ_BUF_BYTES: usize = 64 * 1024;
+/// Requests kept for the pipeline while its queue is full (then sends get `unavailable`).
+const PIPELINE_BACKLOG_MAX: usize = 65_536;
+
+/// What a shard is given at start.
+pub struct ShardInit {
+    pub index: u16,
+    pub node: Rc<str>,
+    pub limits: Limits,
+    pub jwt_secret: Vec<u8>,
+    pub to_pipeline: Sender<Request>,
+    pub events: Receiver<Event>,
+    pub metrics: Arc<ShardMetrics>,
+    pub draining: Arc<AtomicBool>,
+}
+
+pub struct Shard {
+    pub index: u16,
+    pub node: Rc<str>,
+    pub limits: Limits,
+    pub jwt_secret: Vec<u8>,
+    pub metrics: Arc<ShardMetrics>,
+    pub conns: RefCell<Slab<Rc<Conn>>>,
+    pub timers: RefCell<TimerWheel<u64>>,
+    pub read_buf: RefCell<Vec<u8>>,
+    to_pipeline: Sender<Request>,
+    backlog: RefCell<VecDeque<Request>>,
+    session_counter: Cell<u64>,
+    pub draining: Arc<AtomicBool>,
+    pub drain_started: Cell<bool>,
+    pub stop_accepting: Notify,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Shard {
+    pub fn conn(&self, id: u64) -> Option<Rc<Conn>> {
+        self.conns.borrow().get(id).cloned()
+    }
+
+    pub fn conn_ref(&self, id: u64) -> ConnRef {
+        ConnRef {
+            endpoint: self.index,
+            conn: id,
+        }
+    }
+
+    pub fn next_session_id(&self) -> String {
+        let n = self.session_counter.get() + 1;
+        self.session_counter.set(n);
+        format!("{}.{}.{}", self.node, self.index, n)
+    }
+
+    /// Queues a request for the pipeline. Requests that must not be lost wait in a
+    /// bounded backlog when the queue is full; returns false when even that is full.
+    pub fn to_pipeline(&self, req: Request) -> bool {
+        let mut backlog = self.backlog.borrow_mut();
+        if !backlog.is_empty() {
+            if backlog.len() >= PIPELINE_BACKLOG_MAX {
+                return false;
+            }
+            backlog.push_back(req);
+            return true;
+        }
+        match self.to_pipeline.send(req) {
+            Ok(()) => true,
+            Err(mailbox::Full(req)) => {
+                backlog.push_back(req);
+                true
+            }
+        }
+    }
+
+    /// Queues a send unless the pipeline is behind: a send is refused, not buffered.
+    pub fn try_send_to_pipeline(&self, req: Request) -> Result<(), Request> {
+        if !self.backlog.borrow().is_empty() {
+            return Err(req);
+        }
+        self.to_pipeline.send(req).map_err(|mailbox::Full(req)| req)
+    }
+
+    fn retry_backlog(&self) {
+        let mut backlog = self.backlog.borrow_mut();
+        while let Some(req) = backlog.pop_front() {
+            if let Err(mailbox::Full(req)) = self.to_pipeline.send(req) {
+                backlog.push_front(req);
+                break;
+            }
+        }
+    }
+
+    /// Places `id` in the timer wheel at `deadline_ms`.
+    pub fn schedule(&self, id: u64, deadline_ms: u64) {
+        self.timers.borrow_mut().insert(deadline_ms, id);
+    }
+
+    fn handle_event(&self, ev: Event) {
+        match ev {
+            Event::Opened {
+                conn,
+                head_seq,
+                entries,
+                caught_up,
+            } => {
+                if let Some(c) = self.conn(conn.conn) {
+                    c.on_opened(self, head_seq, entries, caught_up);
+                }
+            }
+            Event::CatchUpPage {
+                conn,
+                entries,
+                caught_up,
+            } => {
+                if let Some(c) = self.conn(conn.conn) {
+                    c.on_catch_up(self, entries, caught_up);
+                }
+            }
+            Event::Deliver { items } => {
+                for (id, entry) in items {
+                    if let Some(c) = self.conn(id) {
+                        c.on_live(self, &entry);
+                    }
+                }
+            }
+            Event::SendOk {
+                conn,
+                id,
+                msg_id,
+                ts,
+                dup,
+            } => {
+                if let Some(c) = self.conn(conn.conn) {
+                    c.push_frame(
+                        self,
+                        &ServerFrame::SendOk {
+                            id,
+                            msg_id,
+                            ts,
+                            dup,
+                        },
+                    );
+                }
+            }
+            Event::SendFailed {
+                conn,
+                id,
+                code,
+                message,
+            } => {
+                if let Some(c) = self.conn(conn.conn) {
+                    c.push_error(self, code, &message, Some(id));
+                }
+            }
+            Event::SyncPage {
+                conn,
+                entries,
+                after,
+                last,
+                more,
+                truncated,
+            } => {
+                if let Some(c) = self.conn(conn.conn) {
+                    for e in &entries {
+                        c.push_frame(self, &msg_frame(e));
+                    }
+                    c.push_frame(
+                        self,
+                        &ServerFrame::SyncDone {
+                            after,
+                            last,
+                            more,
+                            truncated,
+                        },
+                    );
+                }
+            }
+            Event::Replaced { conn } => {
+                if let Some(c) = self.conn(conn) {
+                    c.goaway(
+                        self,
+                        GoawayReason::Replaced,
+                        4003,
+                        "replaced by a newer session",
+                    );
+                }
+            }
+            Event::Kicked { conn } => {
+                if let Some(c) = self.conn(conn) {
+                    c.goaway(self, GoawayReason::Kicked, 4003, "kicked");
+                }
+            }
+            Event::Admin { .. } => {
+                debug_assert!(false, "admin replies go to the admin endpoint, not a shard");
+            }
+        }
+    }
+
+    fn on_tick(&self, now: u64) {
+        self.retry_backlog();
+        let mut due = Vec::new();
+        self.timers.borrow_mut().advance(now, &mut due);
+        for id in due {
+            if let Some(c) = self.conn(id) {
+                c.on_timer(self, now);
+            }
+        }
+        if self.draining.load(Ordering::Relaxed) && !self.drain_started.get() {
+            self.drain_started.set(true);
+            self.stop_accepting.notify();
+            let all: Vec<Rc<Conn>> = self.conns.borrow().iter().map(|(_, c)| c.clone()).collect();
+            for c in all {
+                if c.phase() == Phase::Open {
+                    c.goaway(self, GoawayReason::Draining, 1001, "server draining");
+                } else {
+                    c.request_close(self, 1001, "server draining");
+                }
+            }
+        }
+    }
+}
+
+/// The `msg` frame of one inbox entry.
+pub fn msg_frame(e: &Entry) -> ServerFrame {
+    ServerFrame::Msg {
+        seq: e.seq,
+        msg_id: e.msg.msg_id,
+        from: e.msg.from.clone(),
+        from_device: e.msg.from_device.clone(),
+        to: e.msg.to.clone(),
+        body: e.msg.body.clone(),
+        ts: e.msg.ts,
+    }
+}
+
+/// Runs one shard until it has drained.
+pub async fn run(init: ShardInit, listener: std::net::TcpListener) {
+    let ShardInit {
+        index,
+        node,
+        limits,
+        jwt_secret,
+        to_pipeline,
+        mut events,
+        metrics,
+        draining,
+    } = init;
+    let wake_socket = events
+        .take_wake_socket()
+        .expect("a fresh receiver has its wake socket");
+    let waker = match MonoioWaker::new(wake_socket) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::error!(shard = index, error = %e, "cannot watch the pipeline mailbox");
+            return;
+        }
+    };
+    let listener = match monoio::net::TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(shard = index, error = %e, "cannot adopt the listening socket");
+            return;
+        }
+    };
+    let drain_timeout = Duration::from_millis(limits.drain_timeout_ms);
+    let shard = Rc::new(Shard {
+        index,
+        node,
+        limits,
+        jwt_secret,
+        metrics,
+        conns: RefCell::new(Slab::new()),
+        timers: RefCell::new(TimerWheel::new(TICK_MS, WHEEL_SLOTS, now_ms())),
+        read_buf: RefCell::new(vec![0u8; READ_BUF_BYTES]),
+        to_pipeline,
+        backlog: RefCell::new(VecDeque::new()),
+        session_counter: Cell::new(0),
+        draining,
+        drain_started: Cell::new(false),
+        stop_accepting: Notify::default(),
+    });
+
+    let s = shard.clone();
+    monoio::spawn(async move {
+        loop {
+            match mailbox::recv_monoio(&mut events, &waker).await {
+                Ok(ev) => s.handle_event(ev),
+                Err(e) => {
+                    tracing::error!(shard = s.index, error = %e, "pipeline mailbox failed");
+                    return;
+                }
+            }
+        }
+    });
+    let s = shard.clone();
+    monoio::spawn(async move {
+        loop {
+            monoio::time::sleep(Duration::from_millis(TICK_MS)).await;
+            s.on_tick(now_ms());
+        }
+    });
+
+    accept_loop(&shard, &listener).await;
+    drop(listener);
+    tracing::info!(
+        shard = index,
+        conns = shard.conns.borrow().len(),
+        "shard stopped accepting; draining"
+    );
+    let deadline = std::time::Instant::now() + drain_timeout;
+    while !shard.conns.borrow().is_empty() && std::time::Instant::now() < deadline {
+        monoio::time::sleep(Duration::from_millis(TICK_MS)).await;
+    }
+    tracing::info!(
+        shard = index,
+        left = shard.conns.borrow().len(),
+        "shard drained"
+    );
+}
+
+async fn accept_loop(shard: &Rc<Shard>, listener: &monoio::net::TcpListener) {
+    let mut last_emfile_log = 0u64;
+    loop {
+        let accepted = monoio::select! {
+            r = listener.accept() => r,
+            _ = shard.stop_accepting.notified() => return,
+        };
+        match accepted {
+            Ok((stream, _peer)) => {
+                ShardMetrics::inc(&shard.metrics.connections_accepted);
+                if shard.conns.borrow().len() >= shard.limits.conns_per_shard {
+                    // Over the shard's connection bound: refuse at once, keep serving the rest.
+                    drop(stream);
+                    continue;
+                }
+                let _ = stream.set_nodelay(true);
+                monoio::spawn(conn::serve(shard.clone(), stream));
+            }
+            Err(e) => {
+                ShardMetrics::inc(&shard.metrics.accept_errors);
+                let out_of_files =
+                    matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE));
+                let now = now_ms();
+                if now - last_emfile_log > 5_000 {
+                    last_emfile_log = now;
+                    if out_of_files {
+                        tracing::warn!(shard = shard.index, error = %e, "out of file descriptors: backing off accepts, existing connections keep being served");
+                    } else {
+                        tracing::warn!(shard = shard.index, error = %e, "accept failed");
+                    }
+                }
+                monoio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Encodes `frame` as one WebSocket message of the session's encoding.
+pub fn ws_message(frame: &ServerFrame, enc: Encoding) -> Vec<u8> {
+    let payload = frame.encode(enc);
+    let mut out = Vec::with_capacity(payload.len() + 10);
+    match enc {
+        Encoding::Json => flare_codec::ws::text(&payload, &mut out),
+        Encoding::Rkyv => flare_codec::ws::binary(&payload, &mut out),
+    }
+    out
+}

@@ -1,0 +1,840 @@
+//! The pipeline's decisions, sans-IO: requests and `now` in, log records and events out.
+//!
+//! [`Engine::handle`] validates a request, runs the pre-send hooks and dedup, gives a
+//! message its `msg_id`, and appends [`Record`]s to the pending batch. The driver
+//! [`seal`](Engine::seal)s the batch, makes it durable, and calls
+//! [`commit_done`](Engine::commit_done) (or [`commit_failed`](Engine::commit_failed)).
+//! Only then are the records applied to the [`State`]: inbox `seq`s are assigned at
+//! apply time, in log order, so [`replay`](Engine::replay) at start assigns exactly
+//! the same ones. Answers that promise durability (`SendOk`, admin `Posted`/`Done`
+//! for writes) and live `Deliver`s of the new entries go out at commit; read-only
+//! answers go out at once.
+//!
+//! Decisions taken before a batch is durable see the effect of the uncommitted
+//! batches where it matters: dedup (a resend in the same batch is answered with the
+//! original ids after the commit) and group/block changes (kept in an overlay until
+//! their batch commits). If a batch fails, everything uncommitted fails with it:
+//! later batches were decided on top of it.
+//!
+//! Ack cursors are the exception: they are applied at once and logged, because a
+//! cursor only ever moves forward and nothing waits for it to be durable.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+
+use flare_codec::frame::{ErrorCode, Target};
+
+use crate::api::{
+    AdminOp, AdminReply, ConnRef, DevicePresence, Endpoint, Entry, Event, Message, Request, Stats,
+};
+use crate::config::PipelineConfig;
+use crate::ids::MsgIds;
+use crate::record::{Record, MAX_RECORD_BYTES};
+use crate::state::{MemState, State};
+
+/// `from_device` of messages posted through the admin API.
+pub const ADMIN_DEVICE: &str = "admin";
+
+struct Session {
+    user: String,
+    device: String,
+    /// Session start, ms since the Unix epoch.
+    since: u64,
+    /// Caught up: new entries go out as `Deliver`; before that, catch-up pages carry them.
+    live: bool,
+}
+
+/// An answer that waits for its batch to be durable.
+enum Held {
+    SendOk {
+        conn: ConnRef,
+        id: String,
+        msg_id: u64,
+        ts: u64,
+        dup: bool,
+    },
+    Posted {
+        token: u64,
+        msg_id: u64,
+        ts: u64,
+        dup: bool,
+    },
+    Done {
+        token: u64,
+    },
+}
+
+struct Batch {
+    id: u64,
+    records: Vec<Record>,
+    held: Vec<Held>,
+    bytes: usize,
+}
+
+impl Batch {
+    fn new(id: u64) -> Self {
+        Self {
+            id,
+            records: Vec::new(),
+            held: Vec::new(),
+            bytes: 0,
+        }
+    }
+}
+
+/// Who asked for a message to be sent, to answer them.
+enum Origin {
+    Conn { conn: ConnRef, id: String },
+    Admin { token: u64 },
+}
+
+impl Origin {
+    fn held(self, msg_id: u64, ts: u64, dup: bool) -> Held {
+        match self {
+            Origin::Conn { conn, id } => Held::SendOk {
+                conn,
+                id,
+                msg_id,
+                ts,
+                dup,
+            },
+            Origin::Admin { token } => Held::Posted {
+                token,
+                msg_id,
+                ts,
+                dup,
+            },
+        }
+    }
+}
+
+/// The pipeline of one node as a state machine.
+pub struct Engine<S: State = MemState> {
+    node_id: String,
+    retention_messages: usize,
+    retention_ms: u64,
+    dedup_window_ms: u64,
+    catchup_page: usize,
+    /// Where answers to admin requests go.
+    admin: Endpoint,
+    state: S,
+    ids: MsgIds,
+    sessions: HashMap<ConnRef, Session>,
+    /// Open sessions per user, one per device.
+    online: HashMap<String, Vec<ConnRef>>,
+    pending: Batch,
+    inflight: Option<Batch>,
+    /// Uncommitted messages by (sender, client id): `(msg_id, ts, batch id)`.
+    uncommitted: HashMap<(String, String), (u64, u64, u64)>,
+    /// Group member lists as uncommitted batches leave them, with the batch id.
+    pending_groups: HashMap<String, (BTreeSet<String>, u64)>,
+    /// Block lists as uncommitted batches leave them, with the batch id.
+    pending_blocked: HashMap<String, (HashSet<String>, u64)>,
+    outputs: VecDeque<(Endpoint, Event)>,
+    stats: Stats,
+}
+
+impl Engine<MemState> {
+    /// An engine on empty in-memory state; admin answers go to endpoint `admin`.
+    pub fn new(cfg: &PipelineConfig, admin: Endpoint) -> Self {
+        Self::with_state(cfg, admin, MemState::default())
+    }
+}
+
+impl<S: State> Engine<S> {
+    /// An engine over `state`.
+    pub fn with_state(cfg: &PipelineConfig, admin: Endpoint, state: S) -> Self {
+        assert!(
+            cfg.retention_messages > 0,
+            "an inbox keeps at least one entry"
+        );
+        assert!(
+            cfg.catchup_page > 0,
+            "a catch-up page holds at least one entry"
+        );
+        Self {
+            node_id: cfg.node_id.clone(),
+            retention_messages: cfg.retention_messages,
+            retention_ms: cfg.retention_ms,
+            dedup_window_ms: cfg.dedup_window_ms,
+            catchup_page: cfg.catchup_page,
+            admin,
+            state,
+            ids: MsgIds::new(&cfg.node_id),
+            sessions: HashMap::new(),
+            online: HashMap::new(),
+            pending: Batch::new(0),
+            inflight: None,
+            uncommitted: HashMap::new(),
+            pending_groups: HashMap::new(),
+            pending_blocked: HashMap::new(),
+            outputs: VecDeque::new(),
+            stats: Stats {
+                log_healthy: true,
+                ..Stats::default()
+            },
+        }
+    }
+
+    /// The state, for inspection.
+    pub fn state(&self) -> &S {
+        &self.state
+    }
+
+    /// Applies one record read back from the log at start, as a commit would, but
+    /// answers nobody.
+    pub fn replay(&mut self, rec: Record, now_ms: u64) {
+        assert!(
+            self.inflight.is_none() && self.pending.records.is_empty(),
+            "replay happens before any request"
+        );
+        self.apply(rec, now_ms, None);
+    }
+
+    /// Takes one request. Its answers are in [`take_outputs`](Self::take_outputs),
+    /// now or after the commit of the batch it joined.
+    pub fn handle(&mut self, req: Request, now_ms: u64) {
+        self.state
+            .expire_dedup(now_ms.saturating_sub(self.dedup_window_ms));
+        match req {
+            Request::Open {
+                conn,
+                user,
+                device,
+                last_seq,
+            } => self.open(conn, user, device, last_seq, now_ms),
+            Request::CatchUp { conn, after } => self.catch_up(conn, after, now_ms),
+            Request::Closed { conn } => {
+                self.remove_session(conn);
+            }
+            Request::Send { conn, id, to, body } => match self.sessions.get(&conn) {
+                Some(s) => {
+                    let (user, device) = (s.user.clone(), s.device.clone());
+                    let dedup_id = Some(id.clone());
+                    self.submit(
+                        Origin::Conn { conn, id },
+                        user,
+                        device,
+                        to,
+                        body,
+                        dedup_id,
+                        now_ms,
+                    );
+                }
+                None => self.outputs.push_back((
+                    conn.endpoint,
+                    Event::SendFailed {
+                        conn,
+                        id,
+                        code: ErrorCode::Unavailable,
+                        message: "the session is not open".into(),
+                    },
+                )),
+            },
+            Request::Ack { conn, seq } => self.ack(conn, seq),
+            Request::Sync { conn, after, limit } => self.sync(conn, after, limit, now_ms),
+            Request::Admin { token, op } => self.admin(token, op, now_ms),
+        }
+    }
+
+    /// Moves the pending batch in flight and returns its records for the log, or
+    /// `None` when there is nothing to write. One batch is in flight at a time.
+    pub fn seal(&mut self) -> Option<&[Record]> {
+        assert!(self.inflight.is_none(), "one batch in flight at a time");
+        if self.pending.records.is_empty() {
+            debug_assert!(
+                self.pending.held.is_empty(),
+                "held answers belong to batches with records"
+            );
+            return None;
+        }
+        let next = Batch::new(self.pending.id + 1);
+        let batch = std::mem::replace(&mut self.pending, next);
+        Some(&self.inflight.insert(batch).records)
+    }
+
+    /// Whether a batch is in flight or records are pending.
+    pub fn has_uncommitted(&self) -> bool {
+        self.inflight.is_some() || !self.pending.records.is_empty()
+    }
+
+    /// Whether a batch is in flight.
+    pub fn in_flight(&self) -> bool {
+        self.inflight.is_some()
+    }
+
+    /// Encoded bytes of the pending (not yet sealed) records.
+    pub fn pending_bytes(&self) -> usize {
+        self.pending.bytes
+    }
+
+    /// The sealed batch is durable: apply it, answer, deliver.
+    pub fn commit_done(&mut self, now_ms: u64) {
+        let batch = self
+            .inflight
+            .take()
+            .expect("commit_done needs a sealed batch");
+        let mut deliveries = BTreeMap::new();
+        for rec in batch.records {
+            self.apply(rec, now_ms, Some(&mut deliveries));
+        }
+        for held in batch.held {
+            let out = self.answer(held);
+            self.outputs.push_back(out);
+        }
+        for (endpoint, items) in deliveries {
+            self.outputs.push_back((endpoint, Event::Deliver { items }));
+        }
+        let id = batch.id;
+        self.uncommitted.retain(|_, v| v.2 > id);
+        self.pending_groups.retain(|_, v| v.1 > id);
+        self.pending_blocked.retain(|_, v| v.1 > id);
+        self.stats.log_commits += 1;
+        self.stats.log_healthy = true;
+    }
+
+    /// The sealed batch could not be made durable: it and everything pending
+    /// behind it fail with `Unavailable`, and none of it is applied.
+    pub fn commit_failed(&mut self, reason: &str) {
+        let next = Batch::new(self.pending.id + 1);
+        let pending = std::mem::replace(&mut self.pending, next);
+        for batch in self.inflight.take().into_iter().chain([pending]) {
+            for held in batch.held {
+                let message = format!("the message could not be made durable: {reason}");
+                let out = match held {
+                    Held::SendOk { conn, id, .. } => (
+                        conn.endpoint,
+                        Event::SendFailed {
+                            conn,
+                            id,
+                            code: ErrorCode::Unavailable,
+                            message,
+                        },
+                    ),
+                    Held::Posted { token, .. } | Held::Done { token } => (
+                        self.admin,
+                        Event::Admin {
+                            token,
+                            reply: AdminReply::Refused {
+                                code: ErrorCode::Unavailable,
+                                message,
+                            },
+                        },
+                    ),
+                };
+                self.outputs.push_back(out);
+            }
+        }
+        self.uncommitted.clear();
+        self.pending_groups.clear();
+        self.pending_blocked.clear();
+        self.stats.log_healthy = false;
+    }
+
+    /// Tells the engine how many bytes the log holds, for `Stats`.
+    pub fn set_log_bytes(&mut self, bytes: u64) {
+        self.stats.log_bytes = bytes;
+    }
+
+    /// Events to push to the endpoints, in order.
+    pub fn take_outputs(&mut self) -> impl Iterator<Item = (Endpoint, Event)> + '_ {
+        self.outputs.drain(..)
+    }
+
+    fn open(
+        &mut self,
+        conn: ConnRef,
+        user: String,
+        device: String,
+        last_seq: Option<u64>,
+        now_ms: u64,
+    ) {
+        let sessions = &self.sessions;
+        let older = self
+            .online
+            .get(&user)
+            .and_then(|conns| conns.iter().copied().find(|c| sessions[c].device == device));
+        if let Some(old) = older {
+            self.remove_session(old);
+            if old != conn {
+                self.outputs
+                    .push_back((old.endpoint, Event::Replaced { conn: old.conn }));
+            }
+        }
+        // A connection id opened twice (for another user or device) keeps only the newest.
+        self.remove_session(conn);
+        self.expire_inbox(&user, now_ms);
+        let head = self.state.head(&user);
+        let after = match last_seq.or_else(|| self.state.cursor(&user, &device)) {
+            Some(after) => after.min(head),
+            None => {
+                // First time we see this device: it starts at the head, and is "seen".
+                self.log_cursor(&user, &device, head);
+                head
+            }
+        };
+        let page = self.state.page(&user, after, self.catchup_page);
+        let caught_up = !page.more;
+        self.online.entry(user.clone()).or_default().push(conn);
+        self.sessions.insert(
+            conn,
+            Session {
+                user,
+                device,
+                since: now_ms,
+                live: caught_up,
+            },
+        );
+        self.outputs.push_back((
+            conn.endpoint,
+            Event::Opened {
+                conn,
+                head_seq: head,
+                entries: page.entries,
+                caught_up,
+            },
+        ));
+    }
+
+    fn catch_up(&mut self, conn: ConnRef, after: u64, now_ms: u64) {
+        let Some(session) = self.sessions.get(&conn) else {
+            return;
+        };
+        if session.live {
+            // Already live: anything after its last page came as `Deliver`.
+            self.outputs.push_back((
+                conn.endpoint,
+                Event::CatchUpPage {
+                    conn,
+                    entries: Vec::new(),
+                    caught_up: true,
+                },
+            ));
+            return;
+        }
+        let user = session.user.clone();
+        self.expire_inbox(&user, now_ms);
+        let after = after.min(self.state.head(&user));
+        let page = self.state.page(&user, after, self.catchup_page);
+        let caught_up = !page.more;
+        if caught_up {
+            self.sessions.get_mut(&conn).expect("looked up above").live = true;
+        }
+        self.outputs.push_back((
+            conn.endpoint,
+            Event::CatchUpPage {
+                conn,
+                entries: page.entries,
+                caught_up,
+            },
+        ));
+    }
+
+    fn ack(&mut self, conn: ConnRef, seq: u64) {
+        let Some(session) = self.sessions.get(&conn) else {
+            return;
+        };
+        let (user, device) = (session.user.clone(), session.device.clone());
+        let seq = seq.min(self.state.head(&user));
+        if self.state.cursor(&user, &device).is_none_or(|c| seq > c) {
+            self.log_cursor(&user, &device, seq);
+        }
+    }
+
+    fn sync(&mut self, conn: ConnRef, after: u64, limit: u32, now_ms: u64) {
+        let Some(session) = self.sessions.get(&conn) else {
+            return;
+        };
+        let user = session.user.clone();
+        self.expire_inbox(&user, now_ms);
+        let truncated = after.saturating_add(1) < self.state.first_seq(&user);
+        let page = self.state.page(&user, after, limit as usize);
+        let last = page.entries.last().map_or(after, |e| e.seq);
+        self.outputs.push_back((
+            conn.endpoint,
+            Event::SyncPage {
+                conn,
+                entries: page.entries,
+                after,
+                last,
+                more: page.more,
+                truncated,
+            },
+        ));
+    }
+
+    fn admin(&mut self, token: u64, op: AdminOp, now_ms: u64) {
+        let reply = match op {
+            AdminOp::PostMessage { from, to, body, id } => {
+                self.submit(
+                    Origin::Admin { token },
+                    from,
+                    ADMIN_DEVICE.into(),
+                    to,
+                    body,
+                    id,
+                    now_ms,
+                );
+                return;
+            }
+            AdminOp::PutGroup { group, members } => {
+                let set: BTreeSet<String> = members.iter().cloned().collect();
+                let rec = Record::PutGroup {
+                    group: group.clone(),
+                    members,
+                };
+                if self.log_admin(token, rec) {
+                    self.pending_groups.insert(group, (set, self.pending.id));
+                }
+                return;
+            }
+            AdminOp::ModifyGroup { group, add, remove } => {
+                let mut set = self.group_view(&group).cloned().unwrap_or_default();
+                set.extend(add.iter().cloned());
+                for u in &remove {
+                    set.remove(u);
+                }
+                let rec = Record::ModifyGroup {
+                    group: group.clone(),
+                    add,
+                    remove,
+                };
+                if self.log_admin(token, rec) {
+                    self.pending_groups.insert(group, (set, self.pending.id));
+                }
+                return;
+            }
+            AdminOp::PutBlocked { user, users } => {
+                let set: HashSet<String> = users.iter().cloned().collect();
+                let rec = Record::PutBlocked {
+                    user: user.clone(),
+                    users,
+                };
+                if self.log_admin(token, rec) {
+                    self.pending_blocked.insert(user, (set, self.pending.id));
+                }
+                return;
+            }
+            AdminOp::GetGroup { group } => AdminReply::Group {
+                members: self
+                    .state
+                    .group(&group)
+                    .map(|m| m.iter().cloned().collect()),
+                group,
+            },
+            AdminOp::Presence { user } => {
+                let devices = self
+                    .online
+                    .get(&user)
+                    .into_iter()
+                    .flatten()
+                    .map(|c| {
+                        let s = &self.sessions[c];
+                        DevicePresence {
+                            device: s.device.clone(),
+                            node: self.node_id.clone(),
+                            since: s.since,
+                        }
+                    })
+                    .collect();
+                AdminReply::Presence { user, devices }
+            }
+            AdminOp::Kick { user, device } => {
+                let kicked: Vec<ConnRef> = self
+                    .online
+                    .get(&user)
+                    .into_iter()
+                    .flatten()
+                    .copied()
+                    .filter(|c| {
+                        device
+                            .as_deref()
+                            .is_none_or(|d| self.sessions[c].device == d)
+                    })
+                    .collect();
+                for conn in kicked {
+                    self.remove_session(conn);
+                    self.outputs
+                        .push_back((conn.endpoint, Event::Kicked { conn: conn.conn }));
+                }
+                AdminReply::Done
+            }
+            AdminOp::Stats => AdminReply::Stats(Stats {
+                sessions: self.sessions.len() as u64,
+                users: self.state.users(),
+                inbox_entries: self.state.inbox_entries(),
+                ..self.stats.clone()
+            }),
+        };
+        self.outputs
+            .push_back((self.admin, Event::Admin { token, reply }));
+    }
+
+    /// Pre-send hooks, dedup, `msg_id`, then the record.
+    #[allow(clippy::too_many_arguments)] // one call per origin; a struct would only rename them
+    fn submit(
+        &mut self,
+        origin: Origin,
+        from: String,
+        from_device: String,
+        to: Target,
+        body: String,
+        dedup_id: Option<String>,
+        now_ms: u64,
+    ) {
+        if let Some(id) = &dedup_id {
+            let min_ts = now_ms.saturating_sub(self.dedup_window_ms);
+            if let Some((msg_id, ts)) = self.state.dedup(&from, id, min_ts) {
+                self.stats.messages_dup += 1;
+                let out = self.answer(origin.held(msg_id, ts, true));
+                self.outputs.push_back(out);
+                return;
+            }
+            if let Some(&(msg_id, ts, batch)) = self.uncommitted.get(&(from.clone(), id.clone())) {
+                // The original is not durable yet: answer when its batch is.
+                self.stats.messages_dup += 1;
+                let held = origin.held(msg_id, ts, true);
+                match &mut self.inflight {
+                    Some(b) if b.id == batch => b.held.push(held),
+                    _ => {
+                        assert_eq!(
+                            self.pending.id, batch,
+                            "uncommitted dedup entries name a live batch"
+                        );
+                        self.pending.held.push(held);
+                    }
+                }
+                return;
+            }
+        }
+        if let Err(why) = self.pre_send_hooks(&from, &to) {
+            self.refuse(origin, ErrorCode::Forbidden, why);
+            return;
+        }
+        let msg_id = self.ids.next(now_ms);
+        let rec = Record::Message {
+            msg: Arc::new(Message {
+                msg_id,
+                ts: now_ms,
+                from: from.clone(),
+                from_device,
+                to,
+                body,
+            }),
+            dedup_id: dedup_id.clone(),
+        };
+        if rec.encoded_len() > MAX_RECORD_BYTES {
+            self.refuse(origin, ErrorCode::TooLarge, "the message is too large");
+            return;
+        }
+        if let Some(id) = dedup_id {
+            self.uncommitted
+                .insert((from, id), (msg_id, now_ms, self.pending.id));
+        }
+        self.pending.held.push(origin.held(msg_id, now_ms, false));
+        self.push_record(rec);
+    }
+
+    fn pre_send_hooks(&self, from: &str, to: &Target) -> Result<(), &'static str> {
+        match to {
+            Target::Group(g) => match self.group_view(g) {
+                None => Err("unknown group"),
+                Some(members) if !members.contains(from) => Err("not a member of the group"),
+                Some(_) => Ok(()),
+            },
+            Target::User(u) => {
+                let blocked = match self.pending_blocked.get(u) {
+                    Some((set, _)) => set.contains(from),
+                    None => self.state.blocks(u, from),
+                };
+                if blocked {
+                    Err("blocked by the recipient")
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    }
+
+    /// A group's members including uncommitted changes.
+    fn group_view(&self, group: &str) -> Option<&BTreeSet<String>> {
+        match self.pending_groups.get(group) {
+            Some((set, _)) => Some(set),
+            None => self.state.group(group),
+        }
+    }
+
+    fn refuse(&mut self, origin: Origin, code: ErrorCode, why: &str) {
+        let out = match origin {
+            Origin::Conn { conn, id } => (
+                conn.endpoint,
+                Event::SendFailed {
+                    conn,
+                    id,
+                    code,
+                    message: why.into(),
+                },
+            ),
+            Origin::Admin { token } => (
+                self.admin,
+                Event::Admin {
+                    token,
+                    reply: AdminReply::Refused {
+                        code,
+                        message: why.into(),
+                    },
+                },
+            ),
+        };
+        self.outputs.push_back(out);
+    }
+
+    /// Logs an admin change to be answered `Done` at commit; `false` if refused.
+    fn log_admin(&mut self, token: u64, rec: Record) -> bool {
+        if rec.encoded_len() > MAX_RECORD_BYTES {
+            self.refuse(
+                Origin::Admin { token },
+                ErrorCode::TooLarge,
+                "the list is too large",
+            );
+            return false;
+        }
+        self.pending.held.push(Held::Done { token });
+        self.push_record(rec);
+        true
+    }
+
+    fn log_cursor(&mut self, user: &str, device: &str, seq: u64) {
+        self.state.set_cursor(user, device, seq);
+        self.push_record(Record::Cursor {
+            user: user.to_owned(),
+            device: device.to_owned(),
+            seq,
+        });
+    }
+
+    fn push_record(&mut self, rec: Record) {
+        self.pending.bytes += rec.frame_len();
+        self.pending.records.push(rec);
+    }
+
+    fn answer(&self, held: Held) -> (Endpoint, Event) {
+        match held {
+            Held::SendOk {
+                conn,
+                id,
+                msg_id,
+                ts,
+                dup,
+            } => (
+                conn.endpoint,
+                Event::SendOk {
+                    conn,
+                    id,
+                    msg_id,
+                    ts,
+                    dup,
+                },
+            ),
+            Held::Posted {
+                token,
+                msg_id,
+                ts,
+                dup,
+            } => (
+                self.admin,
+                Event::Admin {
+                    token,
+                    reply: AdminReply::Posted { msg_id, ts, dup },
+                },
+            ),
+            Held::Done { token } => (
+                self.admin,
+                Event::Admin {
+                    token,
+                    reply: AdminReply::Done,
+                },
+            ),
+        }
+    }
+
+    fn remove_session(&mut self, conn: ConnRef) -> Option<Session> {
+        let session = self.sessions.remove(&conn)?;
+        if let Some(conns) = self.online.get_mut(&session.user) {
+            conns.retain(|c| *c != conn);
+            if conns.is_empty() {
+                self.online.remove(&session.user);
+            }
+        }
+        Some(session)
+    }
+
+    fn expire_inbox(&mut self, user: &str, now_ms: u64) {
+        self.state
+            .expire(user, now_ms.saturating_sub(self.retention_ms));
+    }
+
+    /// Applies a durable record. `deliveries` collects live entries per endpoint;
+    /// `None` while replaying.
+    fn apply(
+        &mut self,
+        rec: Record,
+        now_ms: u64,
+        mut deliveries: Option<&mut BTreeMap<Endpoint, Vec<(u64, Entry)>>>,
+    ) {
+        match rec {
+            Record::Message { msg, dedup_id } => {
+                self.ids.observe(msg.msg_id);
+                if let Some(id) = &dedup_id {
+                    self.state.put_dedup(&msg.from, id, msg.msg_id, msg.ts);
+                }
+                let recipients: Vec<String> = match &msg.to {
+                    Target::User(u) if *u == msg.from => vec![u.clone()],
+                    Target::User(u) => vec![u.clone(), msg.from.clone()],
+                    Target::Group(g) => self
+                        .state
+                        .group(g)
+                        .map_or_else(Vec::new, |m| m.iter().cloned().collect()),
+                };
+                let min_ts = now_ms.saturating_sub(self.retention_ms);
+                for user in recipients {
+                    self.state.expire(&user, min_ts);
+                    let entry = self
+                        .state
+                        .append(&user, msg.clone(), self.retention_messages);
+                    let Some(out) = deliveries.as_deref_mut() else {
+                        continue;
+                    };
+                    for conn in self.online.get(&user).into_iter().flatten() {
+                        if self.sessions[conn].live {
+                            out.entry(conn.endpoint)
+                                .or_default()
+                                .push((conn.conn, entry.clone()));
+                        }
+                    }
+                }
+                if deliveries.is_some() {
+                    self.stats.messages_accepted += 1;
+                }
+            }
+            Record::Cursor { user, device, seq } => self.state.set_cursor(&user, &device, seq),
+            Record::PutGroup { group, members } => {
+                self.state.put_group(&group, members.into_iter().collect())
+            }
+            Record::ModifyGroup { group, add, remove } => {
+                let mut set = self.state.group(&group).cloned().unwrap_or_default();
+                set.extend(add);
+                for u in &remove {
+                    set.remove(u);
+                }
+                self.state.put_group(&group, set);
+            }
+            Record::PutBlocked { user, users } => {
+                self.state.put_blocked(&user, users.into_iter().collect())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

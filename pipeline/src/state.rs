@@ -1,0 +1,287 @@
+//! Pipeline state: inboxes, ack cursors, groups, block lists and the dedup table.
+//!
+//! [`State`] is what the engine reads and changes; [`MemState`] keeps it in memory
+//! and is rebuilt from the log at start. Every method is synchronous: a remote store
+//! (Redis) would need the engine to split its decisions around the round trips,
+//! which is a later issue.
+
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+
+use crate::api::{Entry, Message};
+
+/// A page of inbox entries.
+#[derive(Debug, Default)]
+pub struct Page {
+    /// Entries with `seq > after`, ascending.
+    pub entries: Vec<Entry>,
+    /// More retained entries follow the page.
+    pub more: bool,
+}
+
+/// The state the engine decides on. Changes come only from applying log records
+/// (and ack cursors, which are applied when logged), in log order.
+pub trait State {
+    /// Highest `seq` ever given in `user`'s inbox; 0 for none.
+    fn head(&self, user: &str) -> u64;
+    /// Lowest retained `seq` of `user`'s inbox, `head + 1` when none is retained.
+    fn first_seq(&self, user: &str) -> u64;
+    /// Appends `msg` to `user`'s inbox with the next `seq`, keeping at most
+    /// `keep` entries, and returns the new entry.
+    fn append(&mut self, user: &str, msg: Arc<Message>, keep: usize) -> Entry;
+    /// Drops `user`'s entries accepted before `min_ts` (ms since the Unix epoch).
+    fn expire(&mut self, user: &str, min_ts: u64);
+    /// At most `limit` retained entries with `seq > after`.
+    fn page(&self, user: &str, after: u64, limit: usize) -> Page;
+    /// A device's ack cursor, `None` for a device never seen.
+    fn cursor(&self, user: &str, device: &str) -> Option<u64>;
+    /// Moves a device's ack cursor to `seq`, never backwards.
+    fn set_cursor(&mut self, user: &str, device: &str, seq: u64);
+    /// A group's members, `None` for an unknown group.
+    fn group(&self, group: &str) -> Option<&BTreeSet<String>>;
+    /// Replaces (creates) a group.
+    fn put_group(&mut self, group: &str, members: BTreeSet<String>);
+    /// Whether `user` refuses messages from `from`.
+    fn blocks(&self, user: &str, from: &str) -> bool;
+    /// Replaces `user`'s block list.
+    fn put_blocked(&mut self, user: &str, users: HashSet<String>);
+    /// The original `(msg_id, ts)` of (`user`, `id`) if accepted at or after `min_ts`.
+    fn dedup(&self, user: &str, id: &str, min_ts: u64) -> Option<(u64, u64)>;
+    /// Remembers (`user`, `id`) → (`msg_id`, `ts`).
+    fn put_dedup(&mut self, user: &str, id: &str, msg_id: u64, ts: u64);
+    /// Forgets dedup entries accepted before `min_ts`.
+    fn expire_dedup(&mut self, min_ts: u64);
+    /// Users with an inbox.
+    fn users(&self) -> u64;
+    /// Retained inbox entries, all users together.
+    fn inbox_entries(&self) -> u64;
+}
+
+#[derive(Default)]
+struct Inbox {
+    head: u64,
+    entries: VecDeque<Entry>,
+    cursors: HashMap<String, u64>,
+    blocked: HashSet<String>,
+}
+
+/// The in-memory [`State`].
+#[derive(Default)]
+pub struct MemState {
+    inboxes: HashMap<String, Inbox>,
+    groups: HashMap<String, BTreeSet<String>>,
+    dedup: HashMap<(String, String), (u64, u64)>,
+    /// Dedup keys in acceptance order, for expiry.
+    dedup_order: VecDeque<(u64, String, String)>,
+    entries: u64,
+}
+
+impl MemState {
+    fn inbox_mut(&mut self, user: &str) -> &mut Inbox {
+        if !self.inboxes.contains_key(user) {
+            self.inboxes.insert(user.to_owned(), Inbox::default());
+        }
+        self.inboxes.get_mut(user).expect("inserted above")
+    }
+}
+
+impl State for MemState {
+    fn head(&self, user: &str) -> u64 {
+        self.inboxes.get(user).map_or(0, |i| i.head)
+    }
+
+    fn first_seq(&self, user: &str) -> u64 {
+        self.inboxes
+            .get(user)
+            .map_or(1, |i| i.entries.front().map_or(i.head + 1, |e| e.seq))
+    }
+
+    fn append(&mut self, user: &str, msg: Arc<Message>, keep: usize) -> Entry {
+        let inbox = self.inbox_mut(user);
+        inbox.head += 1;
+        let entry = Entry {
+            seq: inbox.head,
+            msg,
+        };
+        inbox.entries.push_back(entry.clone());
+        let mut dropped = 0;
+        while inbox.entries.len() > keep {
+            inbox.entries.pop_front();
+            dropped += 1;
+        }
+        self.entries = self.entries + 1 - dropped;
+        entry
+    }
+
+    fn expire(&mut self, user: &str, min_ts: u64) {
+        let Some(inbox) = self.inboxes.get_mut(user) else {
+            return;
+        };
+        while inbox.entries.front().is_some_and(|e| e.msg.ts < min_ts) {
+            inbox.entries.pop_front();
+            self.entries -= 1;
+        }
+    }
+
+    fn page(&self, user: &str, after: u64, limit: usize) -> Page {
+        let Some(inbox) = self.inboxes.get(user) else {
+            return Page::default();
+        };
+        // Seqs are contiguous inside the retained range: index arithmetic, no search.
+        let first = inbox.entries.front().map_or(inbox.head + 1, |e| e.seq);
+        let skip = after
+            .saturating_add(1)
+            .saturating_sub(first)
+            .min(inbox.entries.len() as u64) as usize;
+        let entries: Vec<Entry> = inbox
+            .entries
+            .iter()
+            .skip(skip)
+            .take(limit)
+            .cloned()
+            .collect();
+        let more = skip + entries.len() < inbox.entries.len();
+        Page { entries, more }
+    }
+
+    fn cursor(&self, user: &str, device: &str) -> Option<u64> {
+        self.inboxes.get(user)?.cursors.get(device).copied()
+    }
+
+    fn set_cursor(&mut self, user: &str, device: &str, seq: u64) {
+        let cursors = &mut self.inbox_mut(user).cursors;
+        match cursors.get_mut(device) {
+            Some(c) => *c = (*c).max(seq),
+            None => {
+                cursors.insert(device.to_owned(), seq);
+            }
+        }
+    }
+
+    fn group(&self, group: &str) -> Option<&BTreeSet<String>> {
+        self.groups.get(group)
+    }
+
+    fn put_group(&mut self, group: &str, members: BTreeSet<String>) {
+        self.groups.insert(group.to_owned(), members);
+    }
+
+    fn blocks(&self, user: &str, from: &str) -> bool {
+        self.inboxes
+            .get(user)
+            .is_some_and(|i| i.blocked.contains(from))
+    }
+
+    fn put_blocked(&mut self, user: &str, users: HashSet<String>) {
+        self.inbox_mut(user).blocked = users;
+    }
+
+    fn dedup(&self, user: &str, id: &str, min_ts: u64) -> Option<(u64, u64)> {
+        // The key is owned; a lookup by borrowed parts would need a custom Borrow.
+        let hit = *self.dedup.get(&(user.to_owned(), id.to_owned()))?;
+        (hit.1 >= min_ts).then_some(hit)
+    }
+
+    fn put_dedup(&mut self, user: &str, id: &str, msg_id: u64, ts: u64) {
+        self.dedup
+            .insert((user.to_owned(), id.to_owned()), (msg_id, ts));
+        self.dedup_order
+            .push_back((ts, user.to_owned(), id.to_owned()));
+    }
+
+    fn expire_dedup(&mut self, min_ts: u64) {
+        while self
+            .dedup_order
+            .front()
+            .is_some_and(|(ts, _, _)| *ts < min_ts)
+        {
+            let (ts, user, id) = self.dedup_order.pop_front().expect("checked non-empty");
+            let key = (user, id);
+            // Only forget the key if it was not accepted again later.
+            if self.dedup.get(&key).is_some_and(|&(_, t)| t == ts) {
+                self.dedup.remove(&key);
+            }
+        }
+    }
+
+    fn users(&self) -> u64 {
+        self.inboxes.len() as u64
+    }
+
+    fn inbox_entries(&self) -> u64 {
+        self.entries
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flare_codec::frame::Target;
+
+    fn msg(ts: u64) -> Arc<Message> {
+        Arc::new(Message {
+            msg_id: ts,
+            ts,
+            from: "a".into(),
+            from_device: "d".into(),
+            to: Target::User("b".into()),
+            body: String::new(),
+        })
+    }
+
+    #[test]
+    fn pages_count_retention_and_time_expiry() {
+        let mut s = MemState::default();
+        for ts in 1..=10 {
+            s.append("u", msg(ts), 5);
+        }
+        assert_eq!(s.head("u"), 10);
+        assert_eq!(s.first_seq("u"), 6);
+        assert_eq!(s.inbox_entries(), 5);
+        let p = s.page("u", 0, 2);
+        assert_eq!(
+            p.entries.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            vec![6, 7]
+        );
+        assert!(p.more);
+        let p = s.page("u", 8, 100);
+        assert_eq!(
+            p.entries.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            vec![9, 10]
+        );
+        assert!(!p.more);
+        assert!(s.page("u", 10, 100).entries.is_empty());
+        assert!(s.page("u", 50, 100).entries.is_empty());
+        s.expire("u", 9);
+        assert_eq!(s.first_seq("u"), 9);
+        assert_eq!(s.inbox_entries(), 2);
+        s.expire("u", 100);
+        assert_eq!(s.first_seq("u"), 11);
+        assert_eq!(s.inbox_entries(), 0);
+        assert_eq!(s.append("u", msg(100), 5).seq, 11, "seqs never restart");
+    }
+
+    #[test]
+    fn dedup_expires_but_keeps_reaccepted_keys() {
+        let mut s = MemState::default();
+        s.put_dedup("a", "x", 1, 10);
+        s.put_dedup("a", "y", 2, 20);
+        assert_eq!(s.dedup("a", "x", 5), Some((1, 10)));
+        assert_eq!(s.dedup("a", "x", 11), None, "outside the window");
+        s.put_dedup("a", "x", 3, 30);
+        s.expire_dedup(25);
+        assert_eq!(s.dedup("a", "x", 0), Some((3, 30)));
+        assert_eq!(s.dedup("a", "y", 0), None);
+    }
+
+    #[test]
+    fn cursors_never_move_backwards() {
+        let mut s = MemState::default();
+        assert_eq!(s.cursor("u", "d"), None);
+        s.set_cursor("u", "d", 0);
+        assert_eq!(s.cursor("u", "d"), Some(0));
+        s.set_cursor("u", "d", 7);
+        s.set_cursor("u", "d", 3);
+        assert_eq!(s.cursor("u", "d"), Some(7));
+    }
+}
