@@ -617,7 +617,7 @@ impl ConnState {
                 Ok(Some(event)) => self.on_event(shard, id, event),
                 Ok(None) => break,
                 Err(e) => {
-                    self.close_ws(e.close_code(), "protocol error");
+                    self.close_ws(e.close_code(), e.message());
                     return;
                 }
             }

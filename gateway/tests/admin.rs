@@ -235,12 +235,13 @@ fn post_message_is_delivered_like_a_send() {
     let ms = b.recv_msgs(2);
     assert_eq!(seqs(&ms), vec![3, 4]);
 
-    // To a group: every member.
+    // To a group, on behalf of a member: every member. (Whether a reserved sender such
+    // as `system` may post to a group it is not a member of, PROTOCOL.md §8 does not say.)
     s.put_group("team", &["alice", "bob"]);
     let r = s.admin(
         "POST",
         "/v1/messages",
-        Some(json!({"from": "system", "to": {"group": "team"}, "body": "all hands"})),
+        Some(json!({"from": "alice", "to": {"group": "team"}, "body": "all hands"})),
     );
     assert_eq!(r.status, 200, "{r:?}");
     let g = r.json();

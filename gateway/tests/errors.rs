@@ -383,7 +383,8 @@ fn sends_over_the_rate_are_rate_limited() {
 /// §7 1009: a WebSocket message over `--max-frame-bytes`.
 #[test]
 fn message_over_max_frame_bytes_closes_1009() {
-    let s = Server::with_args(&["--max-frame-bytes", "4096"]);
+    // (The server requires max_body_bytes <= max_frame_bytes.)
+    let s = Server::with_args(&["--max-frame-bytes", "4096", "--max-body-bytes", "4000"]);
     let (mut c, _) = s.login("alice", "phone", None);
     // Just under the limit is fine.
     c.send_ok("fits", "alice", &"x".repeat(3900));
@@ -549,7 +550,7 @@ fn replaced_session_goaway_4003() {
 /// Bad input on one connection harms no other connection.
 #[test]
 fn bad_connections_do_not_harm_others() {
-    let s = Server::with_args(&["--max-frame-bytes", "4096"]);
+    let s = Server::with_args(&["--max-frame-bytes", "4096", "--max-body-bytes", "1024"]);
     let (mut a, _) = s.login("alice", "phone", None);
     let (mut b, _) = s.login("bob", "phone", None);
     // A burst of misbehaving clients.
@@ -579,27 +580,29 @@ fn bad_connections_do_not_harm_others() {
 #[test]
 fn slow_consumer_closes_4008_without_holding_up_the_sender() {
     const N: usize = 200;
-    let s = Server::with_args(&["--outbound-bytes-max", "65536"]);
+    // (The server requires outbound_bytes_max >= max_frame_bytes >= max_body_bytes.)
+    let s = Server::with_args(&[
+        "--outbound-bytes-max",
+        "262144",
+        "--max-frame-bytes",
+        "131072",
+    ]);
     let mut slow = RawWs::connect_small_rcvbuf(s.ws, 4096);
     assert_eq!(slow.status, 101);
     slow.send_json(json!({"type": "auth", "token": token("bob"), "device": "slow"}));
     assert_eq!(slow.recv_json()["type"], "auth_ok");
-    // bob stops reading; alice sends 200 × 60 KB (12 MB) to him, pipelined.
+    // bob stops reading; alice sends 200 × 60 KB (12 MB) to him.
     let (mut a, _) = s.login("alice", "phone", None);
     let body = "y".repeat(60_000);
-    // A window of 8 outstanding sends; alice reads her own answers and inbox copies as she goes.
-    for i in 0..N + 8 {
-        if i < N {
-            a.send_to_user(&format!("s{i}"), "bob", &body);
-        }
-        if i >= 8 {
-            let r = a.answer_to(&format!("s{}", i - 8));
-            assert_eq!(
-                r["type"], "send_ok",
-                "the sender must not be refused because bob is slow: {r}"
-            );
-            a.recv_until("alice's own copy", |v| v["type"] == "msg");
-        }
+    // One send at a time, reading our own answer and inbox copy each time, so that
+    // alice's own outbound queue stays far below the limit.
+    for i in 0..N {
+        let r = alice_send(&mut a, &format!("s{i}"), &body);
+        assert_eq!(
+            r["type"], "send_ok",
+            "the sender must not be refused because bob is slow: {r}"
+        );
+        a.recv_until("alice's own copy", |v| v["type"] == "msg");
     }
     // Now bob reads: whatever was queued, then close 4008.
     let (code, frames) = slow.expect_close_within(Duration::from_secs(60));
@@ -609,8 +612,13 @@ fn slow_consumer_closes_4008_without_holding_up_the_sender() {
         "slow consumer close code after {} frames",
         frames.len()
     );
-    // Everything is in bob's inbox.
+    // Everything is in bob's inbox (small pages: 3 × 60 KB stays under the limit).
     let (mut b, _) = s.login("bob", "audit", None);
-    let all = b.sync_all(0);
+    let all = b.sync_all_by(0, 3);
     assert_eq!(all.len(), N, "bob's inbox");
+}
+
+fn alice_send(a: &mut Client, id: &str, body: &str) -> Value {
+    a.send_to_user(id, "bob", body);
+    a.answer_to(id)
 }

@@ -624,3 +624,53 @@ impl GroupSend for Client {
         a
     }
 }
+
+/// A backlog larger than `outbound_bytes_max` (default 4 MiB) is still delivered to a
+/// client that reads as fast as it can, by resume and by one `sync` page of 1000:
+/// 4008 is for slow consumers (PROTOCOL §7), not for the server's own bursts, and
+/// "every device eventually receives every inbox entry inside retention" (DESIGN §8).
+#[test]
+fn large_backlog_is_delivered_to_a_fast_reader_by_resume_and_sync() {
+    const N: usize = 100; // 100 × 60 KB = 6 MB > outbound_bytes_max (4 MiB)
+    let s = Server::with_args(&["--outbound-bytes-max", "4194304"]);
+    let (mut a, _) = s.login("alice", "phone", None);
+    let body = "z".repeat(60_000);
+    for i in 0..N {
+        a.send_ok(&format!("big{i}"), "bob", &body);
+        a.recv_until("own copy", |v| v["type"] == "msg");
+    }
+    // Resume from 0: the client reads as fast as it can.
+    let (mut b, ok) = s.login("bob", "phone", Some(0));
+    assert_eq!(ok["head_seq"], N as u64);
+    let mut got = Vec::new();
+    while got.len() < N {
+        match b.next_event(RECV_TIMEOUT) {
+            Event::Frame(v) if v["type"] == "msg" => got.push(seq(&v)),
+            Event::Frame(_) => {}
+            other => panic!(
+                "resume of a {N} × 60 KB backlog: after {} messages got {other:?}",
+                got.len()
+            ),
+        }
+    }
+    assert_eq!(got, (1..=N as u64).collect::<Vec<_>>());
+    // One sync page of 1000.
+    let (mut t, _) = s.login("bob", "tablet", None);
+    t.send_json(json!({"type": "sync", "after": 0, "limit": 1000}));
+    let mut got = Vec::new();
+    loop {
+        match t.next_event(RECV_TIMEOUT) {
+            Event::Frame(v) if v["type"] == "msg" => got.push(seq(&v)),
+            Event::Frame(v) if v["type"] == "sync_done" => {
+                assert_eq!(v["more"], false, "{v}");
+                break;
+            }
+            Event::Frame(_) => {}
+            other => panic!(
+                "sync of a {N} × 60 KB inbox: after {} messages got {other:?}",
+                got.len()
+            ),
+        }
+    }
+    assert_eq!(got, (1..=N as u64).collect::<Vec<_>>());
+}

@@ -49,11 +49,6 @@ pub const BACKLOG_EVENTS_MAX: usize = 16_384;
 /// back to ordinary allocations.
 pub const IO_MEMORY_BYTES: usize = 2 << 20;
 
-/// How often the executor looks at completed I/O while the driver is busy.
-/// glommio polls its rings between task-queue runs, and our one task stays runnable
-/// under load, so this bounds how late a finished `fdatasync` is noticed.
-pub const PREEMPT_MICROS: u64 = 500;
-
 /// Bytes read per request during recovery.
 pub const REPLAY_CHUNK_BYTES: usize = 1 << 20;
 

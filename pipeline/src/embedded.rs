@@ -2,34 +2,36 @@
 //! `flare-pipeline`, that owns the [`Engine`] and the [`EmbeddedLog`].
 //!
 //! Each round the driver takes up to [`REQUESTS_PER_ROUND`] requests from the
-//! mailbox, feeds them to the engine, starts a flush of the pending records when none
-//! is in flight (group commit: whatever arrives during one `write + fdatasync` goes
-//! into the next), and pushes the engine's events to the endpoints. An endpoint whose
-//! mailbox is full gets its events from a per-endpoint backlog on later rounds; while
-//! a backlog is over [`BACKLOG_EVENTS_MAX`], or the pending batch over
-//! [`BATCH_BYTES_MAX`], no new requests are taken, so memory stays bounded and the
-//! backpressure reaches the gateway as full request queues. When there is nothing to
-//! do, the driver waits for the mailbox's wake socket, the flush in flight, a stop,
-//! or (with a backlog) a short retry timer.
+//! mailbox, feeds them to the engine and pushes the answers that need no disk (catch-up
+//! and sync pages, presence, dups of durable messages). If records are pending, it
+//! writes them as one batch and awaits the `fdatasync`; requests that arrive meanwhile
+//! wait in the mailbox and form the next batch (group commit). Then come the answers
+//! and deliveries the batch released. An endpoint whose mailbox is full gets its
+//! events from a per-endpoint backlog on later rounds; while a backlog is over
+//! [`BACKLOG_EVENTS_MAX`], or the pending batch over [`BATCH_BYTES_MAX`], no new
+//! requests are taken, so memory stays bounded and the backpressure reaches the
+//! gateway as full request queues. With nothing to do, the thread sleeps until the
+//! mailbox's wake socket or the stop socket is readable (with a backlog: at most
+//! [`BACKLOG_RETRY_MS`]).
+//!
+//! The flush is awaited, not raced against new requests, for a glommio reason: while
+//! its one task stays runnable, glommio 0.9 looks at completed I/O only when its
+//! preemption timer fires, which made commits ~20 ms late under load.
 
 use std::fs::{File, OpenOptions};
-use std::future::Future;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::pin::Pin;
 use std::sync::mpsc;
-use std::task::Poll;
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use flare_shard::mailbox::{drain_wake, Full, Receiver, Sender};
 use glommio::{LocalExecutorBuilder, Placement};
 
 use crate::api::{Endpoint, Event, Request};
 use crate::config::{
-    PipelineConfig, BACKLOG_EVENTS_MAX, BATCH_BYTES_MAX, IO_MEMORY_BYTES, PREEMPT_MICROS,
-    REQUESTS_PER_ROUND,
+    PipelineConfig, BACKLOG_EVENTS_MAX, BATCH_BYTES_MAX, IO_MEMORY_BYTES, REQUESTS_PER_ROUND,
 };
 use crate::engine::Engine;
 use crate::log::{EmbeddedLog, Log};
@@ -42,7 +44,7 @@ pub const LOG_FILE: &str = "log";
 pub const THREAD_NAME: &str = "flare-pipeline";
 
 /// How long to wait before retrying events for a full endpoint mailbox.
-const BACKLOG_RETRY: Duration = Duration::from_millis(1);
+pub const BACKLOG_RETRY_MS: i32 = 1;
 
 /// The running pipeline thread.
 #[derive(Debug)]
@@ -120,7 +122,6 @@ pub fn spawn_embedded(
                 let executor = LocalExecutorBuilder::new(Placement::Unbound)
                     .name(THREAD_NAME)
                     .io_memory(IO_MEMORY_BYTES)
-                    .preempt_timer(Duration::from_micros(PREEMPT_MICROS))
                     .make()
                     .map_err(|e| {
                         io::Error::other(format!("starting the pipeline's glommio executor: {e}"))
@@ -193,25 +194,38 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// A non-blocking socket that glommio waits on until it is readable.
-struct Readable {
-    std: UnixStream,
-    stream: glommio::net::UnixStream,
-}
-
-impl Readable {
-    fn new(std: UnixStream) -> io::Result<Self> {
-        let fd = std.try_clone()?.into_raw_fd();
-        // SAFETY: `fd` is a fresh duplicate that nothing else owns; the glommio stream
-        // takes ownership of it and closes it on drop.
-        let stream = unsafe { glommio::net::UnixStream::from_raw_fd(fd) };
-        Ok(Self { std, stream })
-    }
-
-    /// Resolves when a byte (or EOF) is there to read, without consuming it.
-    async fn readable(&self) -> io::Result<usize> {
-        let mut byte = [0u8; 1];
-        self.stream.peek(&mut byte).await.map_err(io::Error::from)
+/// Waits until the wake or the stop socket is readable, or `timeout_ms` passed
+/// (-1: no timeout). Returns whether the stop socket is readable.
+///
+/// This blocks the executor thread, on purpose: it is called only when no I/O is in
+/// flight and no task but the driver's exists, so there is nothing else to run. An
+/// async receive would go through glommio's latency ring, whose link into the main
+/// ring's sleep lost wake-ups on Linux 6.18 in our tests (the pipeline slept with a
+/// full mailbox); poll(2) cannot.
+fn wait_readable(wake: &UnixStream, stop: &UnixStream, timeout_ms: i32) -> io::Result<bool> {
+    let mut fds = [
+        libc::pollfd {
+            fd: wake.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: stop.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    loop {
+        // SAFETY: `fds` is a valid array of two pollfds for the duration of the call,
+        // and both descriptors stay open (borrowed from the sockets).
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+        if n >= 0 {
+            return Ok(fds[1].revents != 0);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
     }
 }
 
@@ -276,8 +290,6 @@ impl Outbox {
     }
 }
 
-type Flush = Pin<Box<dyn Future<Output = (EmbeddedLog, io::Result<()>)>>>;
-
 struct Driver {
     cfg: PipelineConfig,
     requests: Receiver<Request>,
@@ -286,14 +298,6 @@ struct Driver {
     events: Vec<Sender<Event>>,
     /// Holds the data dir's flock until the thread ends.
     _lock: File,
-}
-
-/// What ended an idle wait.
-enum Woken {
-    Flushed((EmbeddedLog, io::Result<()>)),
-    Request,
-    Stop,
-    Timer,
 }
 
 impl Driver {
@@ -307,8 +311,6 @@ impl Driver {
             _lock,
         } = self;
         let started = async {
-            let wake = Readable::new(wake)?;
-            let stop = Readable::new(stop)?;
             let admin = (events.len() - 1) as Endpoint;
             let mut engine = Engine::new(&cfg, admin);
             let mut log = EmbeddedLog::open(&cfg.data_dir.join(LOG_FILE)).await?;
@@ -322,10 +324,10 @@ impl Driver {
                 dir = %cfg.data_dir.display(),
                 "pipeline log recovered"
             );
-            io::Result::Ok((wake, stop, engine, log))
+            io::Result::Ok((engine, log))
         }
         .await;
-        let (wake, stop, mut engine, log) = match started {
+        let (mut engine, mut log) = match started {
             Ok(parts) => {
                 let _ = ready.send(Ok(()));
                 parts
@@ -338,27 +340,12 @@ impl Driver {
         drop(ready);
 
         let mut outbox = Outbox::new(events);
-        let mut idle_log = Some(log);
-        let mut flush: Option<Flush> = None;
-        let mut wake_wait: Option<Pin<Box<dyn Future<Output = io::Result<usize>> + '_>>> = None;
-        let mut stop_wait: Option<Pin<Box<dyn Future<Output = io::Result<usize>> + '_>>> = None;
-        let mut timer: Option<glommio::timer::Timer> = None;
         let mut stopping = false;
         loop {
-            let mut progress = false;
-            // A finished flush: answer, deliver.
-            if let Some(f) = flush.as_mut() {
-                if let Poll::Ready(done) =
-                    std::future::poll_fn(|cx| Poll::Ready(f.as_mut().poll(cx))).await
-                {
-                    flush = None;
-                    idle_log = Some(finish_flush(&mut engine, done));
-                    progress = true;
-                }
-            }
-            // New requests, unless we hold back.
+            // New requests, unless we hold back. Requests that arrive while the previous
+            // batch is being written wait in the mailbox and form the next batch.
+            let mut taken = 0;
             if !stopping && !outbox.over_bound() {
-                let mut taken = 0;
                 while taken < REQUESTS_PER_ROUND && engine.pending_bytes() < BATCH_BYTES_MAX {
                     let Some(req) = requests.try_recv() else {
                         break;
@@ -366,87 +353,46 @@ impl Driver {
                     engine.handle(req, now_ms());
                     taken += 1;
                 }
-                progress |= taken > 0;
             }
-            // Group commit: the next batch starts as soon as the last is durable.
-            if flush.is_none() {
-                if let Some(records) = engine.seal() {
-                    let mut log = idle_log
-                        .take()
-                        .expect("the log is idle when no flush is in flight");
-                    log.stage(records);
-                    flush = Some(Box::pin(log.flush()));
-                    progress = true;
-                }
-            }
-            progress |= outbox.retry();
+            // Read-only answers go out before we wait for the disk.
+            let mut moved = outbox.retry();
             for (endpoint, event) in engine.take_outputs() {
                 outbox.put(endpoint, event);
-                progress = true;
+                moved = true;
             }
-            if stopping && flush.is_none() && !engine.has_uncommitted() {
-                break;
-            }
-            if progress {
-                glommio::yield_if_needed().await;
+            // Group commit: one write + fdatasync for everything pending.
+            if let Some(records) = engine.seal() {
+                log.stage(records);
+                let (back, result) = log.flush().await;
+                log = back;
+                finish_flush(&mut engine, &log, result);
+                for (endpoint, event) in engine.take_outputs() {
+                    outbox.put(endpoint, event);
+                }
                 continue;
             }
-            // Idle: announce sleep to the senders, then wait for something to happen.
-            let taking = !stopping && !outbox.over_bound();
+            if stopping {
+                break;
+            }
+            if taken > 0 || moved {
+                continue;
+            }
+            // Idle: announce sleep to the senders, then wait for a request or a stop
+            // (or, with a backlog, a moment to retry it).
+            let taking = !outbox.over_bound();
             if taking && !requests.prepare_wait() {
                 continue;
             }
-            if outbox.has_backlog() && timer.is_none() {
-                timer = Some(glommio::timer::Timer::new(BACKLOG_RETRY));
+            let timeout_ms = if outbox.has_backlog() {
+                BACKLOG_RETRY_MS
+            } else {
+                -1
+            };
+            if wait_readable(&wake, &stop, timeout_ms)? {
+                stopping = true;
+                tracing::info!("pipeline stopping: committing what it accepted");
             }
-            if taking && wake_wait.is_none() {
-                wake_wait = Some(Box::pin(wake.readable()));
-            }
-            if !stopping && stop_wait.is_none() {
-                stop_wait = Some(Box::pin(stop.readable()));
-            }
-            let woken = std::future::poll_fn(|cx| {
-                if let Some(f) = flush.as_mut() {
-                    if let Poll::Ready(done) = f.as_mut().poll(cx) {
-                        return Poll::Ready(Woken::Flushed(done));
-                    }
-                }
-                if let Some(w) = stop_wait.as_mut() {
-                    if w.as_mut().poll(cx).is_ready() {
-                        return Poll::Ready(Woken::Stop);
-                    }
-                }
-                if taking {
-                    if let Some(w) = wake_wait.as_mut() {
-                        if w.as_mut().poll(cx).is_ready() {
-                            return Poll::Ready(Woken::Request);
-                        }
-                    }
-                }
-                if let Some(t) = timer.as_mut() {
-                    if Pin::new(t).poll(cx).is_ready() {
-                        return Poll::Ready(Woken::Timer);
-                    }
-                }
-                Poll::Pending
-            })
-            .await;
-            match woken {
-                Woken::Flushed(done) => {
-                    flush = None;
-                    idle_log = Some(finish_flush(&mut engine, done));
-                }
-                Woken::Request => {
-                    wake_wait = None;
-                    drain_wake(&wake.std);
-                }
-                Woken::Stop => {
-                    stop_wait = None;
-                    stopping = true;
-                    tracing::info!("pipeline stopping: committing what it accepted");
-                }
-                Woken::Timer => timer = None,
-            }
+            drain_wake(&wake);
         }
         // Everything accepted is durable and answered; give the endpoints a last chance.
         outbox.retry();
@@ -456,14 +402,12 @@ impl Driver {
                 "pipeline stopped with events its endpoints did not take"
             );
         }
-        drop((wake_wait, stop_wait));
-        let log = idle_log.expect("no flush is in flight at the end");
         log.close().await
     }
 }
 
-/// Reports a finished flush to the engine; returns the log for the next one.
-fn finish_flush(engine: &mut Engine, (log, result): (EmbeddedLog, io::Result<()>)) -> EmbeddedLog {
+/// Reports a finished flush to the engine.
+fn finish_flush(engine: &mut Engine, log: &EmbeddedLog, result: io::Result<()>) {
     match result {
         Ok(()) => {
             engine.set_log_bytes(log.durable_bytes());
@@ -474,5 +418,4 @@ fn finish_flush(engine: &mut Engine, (log, result): (EmbeddedLog, io::Result<()>
             engine.commit_failed(&e.to_string());
         }
     }
-    log
 }

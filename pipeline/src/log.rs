@@ -70,6 +70,33 @@ pub struct EmbeddedLog {
     dirty_end: u64,
 }
 
+/// Creates the log file if missing and makes sure it is not empty.
+///
+/// glommio 0.9 decides once per thread and device whether the device supports
+/// polled I/O by reading the first block of the first DMA file opened there. On an
+/// empty file that read succeeds without reaching the device, glommio concludes "yes",
+/// and every later read fails with EOPNOTSUPP on devices without poll queues (virtio
+/// disks, most cloud volumes). A block of zeros is an empty log, so a new log starts
+/// as one; the file and its directory entry are synced so the file itself is durable.
+fn prepare_file(path: &Path) -> io::Result<()> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| io::Error::new(e.kind(), format!("creating log {}: {e}", path.display())))?;
+    if file.metadata()?.len() == 0 {
+        // Written, not `set_len`: reading a hole does not reach the device either.
+        std::os::unix::fs::FileExt::write_all_at(&file, &[0u8; LOG_BLOCK_BYTES], 0)?;
+        file.sync_all()?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+    }
+    Ok(())
+}
+
 fn align_down(v: u64) -> u64 {
     v - v % LOG_BLOCK_BYTES as u64
 }
@@ -81,6 +108,7 @@ fn align_up(v: u64) -> u64 {
 impl EmbeddedLog {
     /// Opens (creates) the log file at `path`. Must run inside a glommio executor.
     pub async fn open(path: &Path) -> io::Result<Self> {
+        prepare_file(path)?;
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -181,7 +209,7 @@ impl EmbeddedLog {
         };
         // Whatever follows the valid records is garbage: cut the file after the block
         // holding their end; that block is rewritten, zero-padded, by the next flush.
-        let keep = align_up(base);
+        let keep = align_up(base).max(LOG_BLOCK_BYTES as u64);
         if size > keep {
             self.file
                 .truncate(keep)
@@ -247,16 +275,14 @@ impl Log for EmbeddedLog {
         }
     }
 
-    fn flush(mut self) -> impl Future<Output = (Self, io::Result<()>)> + 'static {
-        async move {
-            let result = if self.staged.is_empty() {
-                Ok(())
-            } else {
-                self.write_staged().await
-            };
-            self.staged.clear();
-            (self, result)
-        }
+    async fn flush(mut self) -> (Self, io::Result<()>) {
+        let result = if self.staged.is_empty() {
+            Ok(())
+        } else {
+            self.write_staged().await
+        };
+        self.staged.clear();
+        (self, result)
     }
 
     fn durable_bytes(&self) -> u64 {

@@ -276,7 +276,7 @@ impl WsDecoder {
 
     /// Checks the first two header bytes, as soon as they are here, and returns the
     /// header's full length.
-    fn check_first_bytes(&mut self) -> Result<usize, WsError> {
+    fn check_first_bytes(&self) -> Result<usize, WsError> {
         let [b0, b1, ..] = self.head;
         if b0 & 0x70 != 0 {
             return Err(WsError::ReservedBits);

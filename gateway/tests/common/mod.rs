@@ -896,10 +896,15 @@ impl Client {
     }
 
     /// The whole inbox after `after`, by `sync` pages of 1000.
-    pub fn sync_all(&mut self, mut after: u64) -> Vec<Value> {
+    pub fn sync_all(&mut self, after: u64) -> Vec<Value> {
+        self.sync_all_by(after, 1000)
+    }
+
+    /// The whole inbox after `after`, by `sync` pages of `limit`.
+    pub fn sync_all_by(&mut self, mut after: u64, limit: u32) -> Vec<Value> {
         let mut all = Vec::new();
-        for _ in 0..10_000 {
-            let (msgs, done) = self.sync_page(after, 1000);
+        for _ in 0..100_000 {
+            let (msgs, done) = self.sync_page(after, limit);
             assert_eq!(
                 done["after"], after,
                 "[{}] sync_done.after: {done}",
@@ -913,7 +918,7 @@ impl Client {
                 return all;
             }
         }
-        panic!("[{}] sync_all: more than 10000 pages", self.name);
+        panic!("[{}] sync_all: more than 100000 pages", self.name);
     }
 
     /// Close handshake (bounded); never panics.

@@ -467,8 +467,11 @@ fn seen_by(out: &Out, c: ConnRef) -> (Vec<u64>, Option<bool>) {
 
 #[test]
 fn catch_up_with_live_messages_has_no_gap_and_no_duplicate() {
-    for live_per_page in 0..4 {
-        let mut s = Sim::new(cfg());
+    // Pages of 4 entries against up to 3 new entries per page: catch-up converges.
+    let mut c = cfg();
+    c.catchup_page = 4;
+    for live_per_page in 0..3 {
+        let mut s = Sim::new(c.clone());
         let (a, b) = (conn(0, 1), conn(1, 2));
         s.open(a, "alice", "phone", None);
         for i in 0..10 {
@@ -484,7 +487,8 @@ fn catch_up_with_live_messages_has_no_gap_and_no_duplicate() {
             last_seq: Some(0),
         }));
         let mut n = 0;
-        loop {
+        for round in 0.. {
+            assert!(round < 100, "catch-up does not converge");
             let (page, caught_up) = seen_by(&all, b);
             seen.extend(page);
             all.clear();
@@ -1008,4 +1012,35 @@ fn stats_count_what_happened() {
     assert!(st.log_healthy);
     s.e.set_log_bytes(4242);
     assert_eq!(s.stats().log_bytes, 4242);
+}
+
+#[test]
+fn the_admin_api_may_post_to_a_group_it_is_not_a_member_of() {
+    let mut s = Sim::new(cfg());
+    assert_eq!(
+        failed_code(&s.post(1, "system", group("nope"), None)),
+        Some(ErrorCode::Forbidden),
+        "a group must exist"
+    );
+    s.put_group("g", &["bob", "carol"]);
+    assert!(s.post(2, "system", group("g"), None).is_empty());
+    let out = s.commit();
+    assert!(
+        out.iter().any(|(ep, ev)| *ep == ADMIN
+            && matches!(
+                ev,
+                Event::Admin {
+                    token: 2,
+                    reply: AdminReply::Posted { dup: false, .. }
+                }
+            )),
+        "{out:?}"
+    );
+    assert_eq!(s.e.state().head("bob"), 1);
+    assert_eq!(s.e.state().head("carol"), 1);
+    assert_eq!(
+        s.e.state().head("system"),
+        0,
+        "a non-member sender gets no group entry"
+    );
 }

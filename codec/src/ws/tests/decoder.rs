@@ -424,7 +424,7 @@ fn errors_are_sticky_and_release_buffers() {
 #[test]
 fn an_idle_decoder_is_small_and_holds_no_heap() {
     assert!(
-        std::mem::size_of::<WsDecoder>() <= 128,
+        std::mem::size_of::<WsDecoder>() <= 112,
         "{}",
         std::mem::size_of::<WsDecoder>()
     );

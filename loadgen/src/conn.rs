@@ -1,0 +1,684 @@
+//! One load-generator connection on a monoio runtime: connect (optionally from a
+//! given source address), WebSocket handshake, `auth`, then frames in and out until
+//! either side closes.
+//!
+//! A connection is cheap while idle: it waits for readiness with no buffer, reads into
+//! the worker thread's one read buffer, and holds bytes of its own only for a frame
+//! that is not complete yet or for output the kernel did not take. Sends go straight
+//! to the socket (`send(2)`, non-blocking) from whoever sends — the scheduler of a
+//! scenario — so a send costs no task switch; only what the kernel refuses waits in
+//! the connection's queue for its task to flush.
+
+use std::cell::{Cell, RefCell};
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsRawFd, RawFd};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use monoio::net::TcpStream;
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::clock::mono_ns;
+use crate::proto::{self, Encoding, Incoming, Outgoing};
+use crate::ws;
+
+/// Bytes of the worker thread's read buffer.
+const READ_BUF_BYTES: usize = 64 * 1024;
+
+/// How long a closing connection waits for the server to finish the close handshake.
+const CLOSE_WAIT: Duration = Duration::from_secs(3);
+
+thread_local! {
+    static READ_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0u8; READ_BUF_BYTES]);
+    static SCRATCH: RefCell<(Vec<u8>, Vec<u8>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    static RNG: Cell<u64> = Cell::new(seed());
+}
+
+fn seed() -> u64 {
+    let t = mono_ns();
+    let tid = std::thread::current().id();
+    let h = format!("{tid:?}").bytes().fold(t, |a, b| a.rotate_left(5) ^ b as u64);
+    h | 1
+}
+
+/// A fast non-cryptographic random number (masking keys, handshake keys): xorshift64*.
+pub fn rand_u64() -> u64 {
+    RNG.with(|r| {
+        let mut x = r.get();
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        r.set(x);
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    })
+}
+
+/// A single-waiter wake-up flag (the connection's own task is the only waiter).
+#[derive(Default)]
+pub struct Notify {
+    set: Cell<bool>,
+    waker: RefCell<Option<Waker>>,
+}
+
+impl Notify {
+    pub fn notify(&self) {
+        self.set.set(true);
+        if let Some(w) = self.waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+
+    pub fn notified(&self) -> Notified<'_> {
+        Notified(self)
+    }
+}
+
+pub struct Notified<'a>(&'a Notify);
+
+impl Future for Notified<'_> {
+    type Output = ();
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.0.set.replace(false) {
+            return Poll::Ready(());
+        }
+        *self.0.waker.borrow_mut() = Some(cx.waker().clone());
+        Poll::Pending
+    }
+}
+
+/// What a connection is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Setup,
+    Open,
+    Ended,
+}
+
+/// The per-connection state shared by its task and the scenario.
+pub struct Conn {
+    /// The scenario's index of this connection in its worker.
+    pub index: usize,
+    fd: Cell<RawFd>,
+    state: Cell<State>,
+    closing: Cell<bool>,
+    broken: Cell<bool>,
+    /// Bytes the kernel did not take yet; empty (no allocation) when idle.
+    out: RefCell<Vec<u8>>,
+    dec: RefCell<ws::Decoder>,
+    wake: Notify,
+    last_send_ns: Cell<u64>,
+    heartbeat_ms: Cell<u64>,
+}
+
+impl Conn {
+    pub fn new(index: usize) -> Rc<Conn> {
+        Rc::new(Conn {
+            index,
+            fd: Cell::new(-1),
+            state: Cell::new(State::Setup),
+            closing: Cell::new(false),
+            broken: Cell::new(false),
+            out: RefCell::new(Vec::new()),
+            dec: RefCell::new(ws::Decoder::new()),
+            wake: Notify::default(),
+            last_send_ns: Cell::new(0),
+            heartbeat_ms: Cell::new(0),
+        })
+    }
+
+    /// Marks the connection over before its socket is closed, so nothing can write to
+    /// the number once the kernel reuses it.
+    fn end(&self) {
+        self.state.set(State::Ended);
+        self.broken.set(true);
+        self.fd.set(-1);
+        *self.out.borrow_mut() = Vec::new();
+        *self.dec.borrow_mut() = ws::Decoder::new();
+    }
+
+    pub fn state(&self) -> State {
+        self.state.get()
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.state.get() == State::Open && !self.closing.get() && !self.broken.get()
+    }
+
+    /// Asks the connection's task to close (close frame 1000, then wait for the server).
+    pub fn close(&self) {
+        self.closing.set(true);
+        self.wake.notify();
+    }
+
+    /// Sends one protocol frame. False when the connection cannot send any more.
+    pub fn send(&self, enc: Encoding, frame: &Outgoing<'_>) -> bool {
+        if self.broken.get() || self.fd.get() < 0 {
+            return false;
+        }
+        SCRATCH.with(|s| {
+            let (payload, framed) = &mut *s.borrow_mut();
+            payload.clear();
+            framed.clear();
+            proto::encode(enc, frame, payload);
+            let opcode = match enc {
+                Encoding::Json => ws::Opcode::Text,
+                Encoding::Rkyv => ws::Opcode::Binary,
+            };
+            ws::encode_frame(opcode, payload, mask(), framed);
+            self.send_bytes(framed)
+        })
+    }
+
+    /// Sends a protocol `ping` if nothing was sent for half the heartbeat interval.
+    pub fn ping_if_idle(&self, enc: Encoding, now_ns: u64) {
+        let hb = self.heartbeat_ms.get();
+        if hb > 0 && self.is_open() && now_ns.saturating_sub(self.last_send_ns.get()) >= hb * 500_000 {
+            self.send(enc, &Outgoing::Ping);
+        }
+    }
+
+    fn send_bytes(&self, mut bytes: &[u8]) -> bool {
+        self.last_send_ns.set(mono_ns());
+        let mut out = self.out.borrow_mut();
+        if !out.is_empty() {
+            out.extend_from_slice(bytes);
+            return true;
+        }
+        while !bytes.is_empty() {
+            match raw_send(self.fd.get(), bytes) {
+                Ok(n) => bytes = &bytes[n..],
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(_) => {
+                    self.broken.set(true);
+                    self.wake.notify();
+                    return false;
+                }
+            }
+        }
+        if !bytes.is_empty() {
+            out.extend_from_slice(bytes);
+            self.wake.notify();
+        }
+        true
+    }
+
+    /// Writes queued output. Ok(true) when the queue is empty.
+    fn flush(&self) -> io::Result<bool> {
+        let mut out = self.out.borrow_mut();
+        let mut done = 0;
+        while done < out.len() {
+            match raw_send(self.fd.get(), &out[done..]) {
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+        }
+        if done == out.len() {
+            *out = Vec::new();
+            Ok(true)
+        } else {
+            out.drain(..done);
+            Ok(false)
+        }
+    }
+}
+
+fn mask() -> [u8; 4] {
+    (rand_u64() as u32).to_ne_bytes()
+}
+
+fn raw_send(fd: RawFd, bytes: &[u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: `bytes` is a live slice of the given length; send(2) only reads it.
+        let n = unsafe {
+            libc::send(
+                fd,
+                bytes.as_ptr().cast(),
+                bytes.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Reads everything the socket has into the thread's buffer and feeds `on_bytes`.
+/// Ok(false) at end of stream.
+fn read_available(fd: RawFd, mut on_bytes: impl FnMut(&[u8]) -> bool) -> io::Result<bool> {
+    READ_BUF.with(|b| {
+        let mut buf = b.borrow_mut();
+        loop {
+            // SAFETY: `buf` is a live, exclusively borrowed allocation of `buf.len()`
+            // bytes; recv(2) writes at most that many, and we read only what it reports.
+            let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                match e.kind() {
+                    io::ErrorKind::WouldBlock => return Ok(true),
+                    io::ErrorKind::Interrupted => continue,
+                    _ => return Err(e),
+                }
+            }
+            if n == 0 {
+                return Ok(false);
+            }
+            let n = n as usize;
+            if !on_bytes(&buf[..n]) || n < buf.len() {
+                return Ok(true);
+            }
+        }
+    })
+}
+
+/// The failure reason of an I/O error, as reports name it.
+pub fn io_reason(e: &io::Error) -> String {
+    match e.raw_os_error() {
+        Some(libc::ECONNREFUSED) => "refused".into(),
+        Some(libc::ETIMEDOUT) => "tcp_timeout".into(),
+        Some(libc::ECONNRESET) => "reset".into(),
+        Some(libc::EPIPE) => "broken_pipe".into(),
+        Some(libc::EADDRNOTAVAIL) => "addr_not_available".into(),
+        Some(libc::EADDRINUSE) => "addr_in_use".into(),
+        Some(libc::EMFILE) | Some(libc::ENFILE) => "too_many_open_files".into(),
+        Some(libc::EHOSTUNREACH) | Some(libc::ENETUNREACH) => "unreachable".into(),
+        Some(n) => format!("errno_{n}"),
+        None => format!("io_{:?}", e.kind()).to_lowercase(),
+    }
+}
+
+/// Where and how connections connect.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub addr: SocketAddr,
+    /// The `Host` header.
+    pub host: String,
+    pub path: String,
+    pub encoding: Encoding,
+    pub connect_timeout: Duration,
+}
+
+/// What a connection's owner hears from it.
+pub trait Handler {
+    /// `auth_ok` arrived: the session is open. `started_ns` is when the attempt was
+    /// scheduled.
+    fn on_open(&self, conn: &Rc<Conn>, head_seq: u64, started_ns: u64, now_ns: u64);
+    /// The attempt failed before `auth_ok`, for `reason`.
+    fn on_setup_failed(&self, conn: &Rc<Conn>, reason: String);
+    /// A frame of the open session.
+    fn on_frame(&self, conn: &Rc<Conn>, frame: Incoming<'_>, now_ns: u64);
+    /// A server frame that was not valid in the session's encoding.
+    fn on_bad_frame(&self, conn: &Rc<Conn>, reason: &'static str);
+    /// The open session ended: `dropped` is None when we closed it, else why the
+    /// server or the network ended it.
+    fn on_closed(&self, conn: &Rc<Conn>, dropped: Option<String>);
+}
+
+/// Setup steps, to name which one timed out.
+#[derive(Clone, Copy)]
+enum Step {
+    Connect,
+    Handshake,
+    Auth,
+}
+
+/// Runs one connection to its end: connect from `source` (if any), handshake, `auth`
+/// with `token`, then the session until it closes. `started_ns` is when the attempt
+/// was scheduled (latency counts from it).
+pub async fn drive<H: Handler>(
+    conn: Rc<Conn>,
+    handler: Rc<H>,
+    target: Rc<Target>,
+    source: Option<IpAddr>,
+    token: String,
+    started_ns: u64,
+) {
+    let step = Cell::new(Step::Connect);
+    let setup = monoio::time::timeout(
+        target.connect_timeout,
+        establish(&conn, &target, source, &token, &step),
+    )
+    .await;
+    drop(token);
+    let (stream, head_seq) = match setup {
+        Ok(Ok(v)) => v,
+        Ok(Err(reason)) => {
+            conn.end();
+            handler.on_setup_failed(&conn, reason);
+            return;
+        }
+        Err(_) => {
+            conn.end();
+            let reason = match step.get() {
+                Step::Connect => "connect_timeout",
+                Step::Handshake => "handshake_timeout",
+                Step::Auth => "auth_timeout",
+            };
+            handler.on_setup_failed(&conn, reason.into());
+            return;
+        }
+    };
+    conn.state.set(State::Open);
+    handler.on_open(&conn, head_seq, started_ns, mono_ns());
+    let dropped = session(&conn, &*handler, &target, &stream).await;
+    conn.end();
+    drop(stream);
+    handler.on_closed(&conn, dropped);
+}
+
+async fn establish(
+    conn: &Rc<Conn>,
+    target: &Target,
+    source: Option<IpAddr>,
+    token: &str,
+    step: &Cell<Step>,
+) -> Result<(TcpStream, u64), String> {
+    let stream = connect(target.addr, source).await.map_err(|e| io_reason(&e))?;
+    conn.fd.set(stream.as_raw_fd());
+
+    step.set(Step::Handshake);
+    let key = ws::handshake_key({
+        let mut k = [0u8; 16];
+        k[..8].copy_from_slice(&rand_u64().to_ne_bytes());
+        k[8..].copy_from_slice(&rand_u64().to_ne_bytes());
+        k
+    });
+    let protocol = target.encoding.subprotocol();
+    let request = ws::handshake_request(&target.host, &target.path, &key, protocol);
+    if !conn.send_bytes(&request) {
+        return Err("handshake_send_failed".into());
+    }
+    let mut head: Vec<u8> = Vec::new();
+    let leftover = loop {
+        wait_io(conn, &stream).await.map_err(|e| io_reason(&e))?;
+        let mut result: Option<Result<usize, ws::HandshakeError>> = None;
+        let open = read_available(conn.fd.get(), |bytes| {
+            head.extend_from_slice(bytes);
+            match ws::parse_handshake_response(&head, &key, protocol) {
+                Ok(None) => true,
+                Ok(Some(n)) => {
+                    result = Some(Ok(n));
+                    false
+                }
+                Err(e) => {
+                    result = Some(Err(e));
+                    false
+                }
+            }
+        })
+        .map_err(|e| io_reason(&e))?;
+        match result {
+            Some(Ok(n)) => break head.split_off(n),
+            Some(Err(e)) => return Err(e.reason()),
+            None if !open => return Err("eof_in_handshake".into()),
+            None => {}
+        }
+    };
+    drop(head);
+
+    step.set(Step::Auth);
+    let enc = target.encoding;
+    if !conn.send(enc, &Outgoing::Auth { token, device: Some("lg") }) {
+        return Err("auth_send_failed".into());
+    }
+    let mut outcome: Option<Result<u64, String>> = None;
+    let mut on_message = |m: ws::Message<'_>, outcome: &mut Option<Result<u64, String>>| match m {
+        ws::Message::Text(p) | ws::Message::Binary(p) if outcome.is_none() => {
+            let text = matches!(m, ws::Message::Text(_));
+            *outcome = match proto::decode(enc, text, p) {
+                Ok(Incoming::AuthOk {
+                    head_seq,
+                    heartbeat_ms,
+                }) => {
+                    conn.heartbeat_ms.set(heartbeat_ms);
+                    Some(Ok(head_seq))
+                }
+                Ok(Incoming::Error { code, .. }) => Some(Err(format!("auth_{code}"))),
+                Ok(Incoming::Goaway { reason }) => Some(Err(format!("goaway_{reason}"))),
+                Ok(_) => Some(Err("unexpected_frame_before_auth_ok".into())),
+                Err(e) => Some(Err(e.0.to_string())),
+            };
+        }
+        ws::Message::Ping(p) => {
+            pong(conn, p);
+        }
+        ws::Message::Close(code) if outcome.is_none() => {
+            *outcome = Some(Err(close_reason(code)));
+        }
+        _ => {}
+    };
+    if !leftover.is_empty() {
+        let r = conn
+            .dec
+            .borrow_mut()
+            .feed(&leftover, |m| on_message(m, &mut outcome));
+        r.map_err(|e| e.reason().to_string())?;
+    }
+    loop {
+        if let Some(done) = outcome {
+            return done.map(|head_seq| (stream, head_seq));
+        }
+        wait_io(conn, &stream).await.map_err(|e| io_reason(&e))?;
+        let mut frame_error = None;
+        let open = read_available(conn.fd.get(), |bytes| {
+            let r = conn
+                .dec
+                .borrow_mut()
+                .feed(bytes, |m| on_message(m, &mut outcome));
+            if let Err(e) = r {
+                frame_error = Some(e);
+                return false;
+            }
+            outcome.is_none()
+        })
+        .map_err(|e| io_reason(&e))?;
+        if let Some(e) = frame_error {
+            return Err(e.reason().into());
+        }
+        if !open && outcome.is_none() {
+            return Err("eof_in_auth".into());
+        }
+    }
+}
+
+/// Waits until the socket is readable, flushing queued output meanwhile.
+async fn wait_io(conn: &Conn, stream: &TcpStream) -> io::Result<()> {
+    loop {
+        if conn.flush()? {
+            return stream.readable(false).await;
+        }
+        monoio::select! {
+            r = stream.readable(false) => return r,
+            r = stream.writable(false) => r?,
+        }
+    }
+}
+
+fn pong(conn: &Conn, payload: &[u8]) {
+    let mut frame = Vec::with_capacity(payload.len() + 6);
+    ws::encode_frame(ws::Opcode::Pong, payload, mask(), &mut frame);
+    conn.send_bytes(&frame);
+}
+
+fn close_reason(code: Option<u16>) -> String {
+    match code {
+        Some(c) => format!("close_{c}"),
+        None => "close_no_code".into(),
+    }
+}
+
+/// A TCP connection to `addr`, from `source` when given. The socket is bound with
+/// `IP_BIND_ADDRESS_NO_PORT`, so the kernel picks the port at connect time from the
+/// whole 4-tuple space: each source address brings its own ephemeral port range.
+async fn connect(addr: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpStream> {
+    let domain = if addr.is_ipv4() {
+        Domain::IPV4
+    } else {
+        Domain::IPV6
+    };
+    let socket = Socket::new(domain, Type::STREAM.nonblocking().cloexec(), Some(Protocol::TCP))?;
+    socket.set_nodelay(true)?;
+    if let Some(ip) = source {
+        let on: libc::c_int = 1;
+        // SAFETY: setsockopt reads one c_int from a live local; the fd is ours.
+        let rc = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_BIND_ADDRESS_NO_PORT,
+                (&on as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 && ip.is_ipv4() {
+            return Err(io::Error::last_os_error());
+        }
+        socket.bind(&SocketAddr::new(ip, 0).into())?;
+    }
+    match socket.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    let stream = TcpStream::from_std(std::net::TcpStream::from(socket))?;
+    stream.writable(false).await?;
+    let mut err: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into the live local `err`.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ERROR,
+            (&mut err as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if err != 0 {
+        return Err(io::Error::from_raw_os_error(err));
+    }
+    Ok(stream)
+}
+
+/// The open session: frames to the handler until the end. Returns None when we
+/// closed it, else why it was dropped.
+async fn session<H: Handler>(
+    conn: &Rc<Conn>,
+    handler: &H,
+    target: &Target,
+    stream: &TcpStream,
+) -> Option<String> {
+    let enc = target.encoding;
+    let mut close_sent = false;
+    let mut server_close: Option<Option<u16>> = None;
+    let mut goaway: Option<String> = None;
+    let mut close_deadline = None;
+    loop {
+        if conn.closing.get() && !close_sent {
+            let mut frame = Vec::with_capacity(8);
+            ws::encode_close(flare_codec::close::NORMAL, mask(), &mut frame);
+            conn.send_bytes(&frame);
+            close_sent = true;
+            close_deadline = Some(monoio::time::Instant::now() + CLOSE_WAIT);
+        }
+        if conn.broken.get() && !close_sent {
+            return Some("send_failed".into());
+        }
+        let want_write = match conn.flush() {
+            Ok(empty) => !empty,
+            Err(e) => return (!close_sent).then(|| io_reason(&e)),
+        };
+        if close_sent && server_close.is_some() {
+            // Both close frames are out: half-close and wait for the server's FIN.
+            // SAFETY: plain syscall on our own open socket.
+            unsafe { libc::shutdown(conn.fd.get(), libc::SHUT_WR) };
+        }
+        let deadline = close_deadline;
+        monoio::select! {
+            r = stream.readable(false) => {
+                if let Err(e) = r {
+                    return (!close_sent).then(|| io_reason(&e));
+                }
+                let mut bad: Option<String> = None;
+                let read = read_available(conn.fd.get(), |bytes| {
+                    let r = conn.dec.borrow_mut().feed(bytes, |m| match m {
+                        ws::Message::Text(p) | ws::Message::Binary(p) => {
+                            let text = matches!(m, ws::Message::Text(_));
+                            match proto::decode(enc, text, p) {
+                                Ok(Incoming::Goaway { reason }) => {
+                                    goaway = Some(format!("goaway_{reason}"));
+                                }
+                                Ok(f) => handler.on_frame(conn, f, mono_ns()),
+                                Err(e) => handler.on_bad_frame(conn, e.0),
+                            }
+                        }
+                        ws::Message::Ping(p) => pong(conn, p),
+                        ws::Message::Pong => {}
+                        ws::Message::Close(code) => {
+                            if server_close.is_none() {
+                                server_close = Some(code);
+                            }
+                        }
+                    });
+                    if let Err(e) = r {
+                        bad = Some(e.reason().into());
+                        return false;
+                    }
+                    true
+                });
+                if let Some(reason) = bad {
+                    return (!close_sent).then_some(reason);
+                }
+                match read {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        if close_sent {
+                            return None;
+                        }
+                        return Some(goaway.or(server_close.map(close_reason)).unwrap_or_else(|| "eof".into()));
+                    }
+                    Err(e) => {
+                        if close_sent {
+                            return None;
+                        }
+                        return Some(goaway.or(server_close.map(close_reason)).unwrap_or_else(|| io_reason(&e)));
+                    }
+                }
+                if server_close.is_some() && !close_sent {
+                    // Answer the server's close; the session was ended by the server.
+                    let reason = goaway.clone().unwrap_or_else(|| close_reason(server_close.flatten()));
+                    let mut frame = Vec::with_capacity(8);
+                    ws::encode_close(server_close.flatten().unwrap_or(flare_codec::close::NORMAL), mask(), &mut frame);
+                    conn.send_bytes(&frame);
+                    let _ = conn.flush();
+                    return Some(reason);
+                }
+            }
+            r = stream.writable(false), if want_write => {
+                if let Err(e) = r {
+                    return (!close_sent).then(|| io_reason(&e));
+                }
+            }
+            _ = conn.wake.notified() => {}
+            _ = sleep_until(deadline), if deadline.is_some() => return None,
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<monoio::time::Instant>) {
+    if let Some(d) = deadline {
+        monoio::time::sleep_until(d).await;
+    }
+}

@@ -1,0 +1,84 @@
+//! Memory figures from /proc: a process's resident set (`VmRSS` of
+//! `/proc/PID/status`) and the kernel's TCP buffer memory (`mem` pages of the `TCP:`
+//! line of `/proc/net/sockstat`, for the whole network namespace).
+
+use std::io;
+
+/// One sample of the server's memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemSample {
+    pub rss_bytes: u64,
+    pub tcp_mem_bytes: u64,
+}
+
+/// Samples `pid`'s RSS and the host's TCP memory.
+pub fn sample(pid: u32) -> io::Result<MemSample> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rss_kib = parse_vmrss_kib(&status).ok_or_else(|| {
+        io::Error::new(io::ErrorKind::InvalidData, format!("no VmRSS in /proc/{pid}/status"))
+    })?;
+    let sockstat = std::fs::read_to_string("/proc/net/sockstat")?;
+    let pages = parse_tcp_mem_pages(&sockstat).ok_or_else(|| {
+        io::Error::new(io::ErrorKind::InvalidData, "no TCP mem in /proc/net/sockstat")
+    })?;
+    Ok(MemSample {
+        rss_bytes: rss_kib * 1024,
+        tcp_mem_bytes: pages * page_size(),
+    })
+}
+
+/// This process's resident set, KiB (0 if unreadable).
+pub fn self_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| parse_vmrss_kib(&s))
+        .unwrap_or(0)
+}
+
+pub fn page_size() -> u64 {
+    // SAFETY: sysconf takes no pointers.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if n > 0 {
+        n as u64
+    } else {
+        4096
+    }
+}
+
+/// `VmRSS:   123456 kB` → 123456.
+pub fn parse_vmrss_kib(status: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let mut it = line["VmRSS:".len()..].split_whitespace();
+    let n = it.next()?.parse().ok()?;
+    (it.next()? == "kB").then_some(n)
+}
+
+/// `TCP: inuse 5 orphan 0 tw 2 alloc 7 mem 3` → 3.
+pub fn parse_tcp_mem_pages(sockstat: &str) -> Option<u64> {
+    let line = sockstat.lines().find(|l| l.starts_with("TCP:"))?;
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let i = words.iter().position(|w| *w == "mem")?;
+    words.get(i + 1)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_proc_formats() {
+        let status = "Name:\tflare\nVmPeak:\t  9999 kB\nVmRSS:\t   20480 kB\nThreads:\t3\n";
+        assert_eq!(parse_vmrss_kib(status), Some(20480));
+        assert_eq!(parse_vmrss_kib("Name: x\n"), None);
+        let sockstat = "sockets: used 120\nTCP: inuse 5 orphan 0 tw 2 alloc 7 mem 3\nUDP: inuse 1 mem 0\n";
+        assert_eq!(parse_tcp_mem_pages(sockstat), Some(3));
+        assert_eq!(parse_tcp_mem_pages("UDP: inuse 1 mem 0\n"), None);
+    }
+
+    #[test]
+    fn samples_this_process() {
+        let s = sample(std::process::id()).expect("/proc is readable");
+        assert!(s.rss_bytes > 0);
+        assert!(self_rss_kib() > 0);
+    }
+}
