@@ -20,22 +20,22 @@ pub struct ServeArgs {
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     pub print_config: bool,
-    /// WebSocket listen address (clients connect to ws://ADDR/ws).
+    /// WebSocket listen address; clients connect to ws://ADDR/ws [default: 127.0.0.1:8080].
     #[arg(long, env = "FLARE_WS", value_name = "ADDR")]
     pub ws: Option<SocketAddr>,
-    /// QUIC listen address (QUIC is not implemented yet: the setting is accepted and reported).
+    /// QUIC listen address [default: 127.0.0.1:8443]. QUIC is not implemented yet: accepted and ignored, with a warning.
     #[arg(long, env = "FLARE_QUIC", value_name = "ADDR")]
     pub quic: Option<SocketAddr>,
-    /// Admin HTTP API address (/healthz, /readyz, /metrics, /v1/...).
+    /// Admin HTTP API address: /healthz, /readyz, /metrics, /v1/... [default: 127.0.0.1:9090].
     #[arg(long, env = "FLARE_ADMIN", value_name = "ADDR")]
     pub admin: Option<SocketAddr>,
-    /// Data directory of the embedded log and the development secrets.
+    /// Data directory of the embedded log and the development secrets [default: ./flare-data].
     #[arg(long, env = "FLARE_DATA", value_name = "DIR")]
     pub data: Option<PathBuf>,
-    /// Gateway shards (threads, one per core by default).
+    /// Gateway shards: threads, each pinned to a core [default: one per available core].
     #[arg(long, env = "FLARE_SHARDS", value_name = "N")]
     pub shards: Option<usize>,
-    /// This node's id, shown to clients in auth_ok.node and folded into msg_ids.
+    /// This node's id, shown to clients in auth_ok.node and folded into msg_ids [default: gw-1].
     #[arg(long, env = "FLARE_NODE_ID", value_name = "ID")]
     pub node_id: Option<String>,
     /// HS256 key of client tokens. Without one, a development secret is generated in the data dir.
@@ -63,7 +63,7 @@ pub struct ServeArgs {
     /// Roles this process runs (only "all" exists until cluster mode lands).
     #[arg(long, env = "FLARE_ROLES", value_name = "LIST")]
     pub roles: Option<String>,
-    /// Log format: human or json.
+    /// Log format: human or json [default: human]. Filter with FLARE_LOG (e.g. FLARE_LOG=debug).
     #[arg(long, env = "FLARE_LOG_FORMAT", value_name = "FORMAT")]
     pub log_format: Option<String>,
     #[command(flatten)]
@@ -73,43 +73,43 @@ pub struct ServeArgs {
 /// Flags of the limits; see [`Limits`] for meaning and defaults.
 #[derive(Debug, Args, Default)]
 pub struct LimitArgs {
-    /// Heartbeat interval announced in auth_ok; a connection silent for 3x this is closed.
+    /// Heartbeat interval announced in auth_ok; a connection silent for 3x this is closed [default: 30000].
     #[arg(long, env = "FLARE_HEARTBEAT_MS", value_name = "MS")]
     pub heartbeat_ms: Option<u64>,
-    /// Time a connection has to complete the WebSocket handshake and `auth`.
+    /// Time a connection has to complete the WebSocket handshake and `auth` [default: 10000].
     #[arg(long, env = "FLARE_AUTH_TIMEOUT_MS", value_name = "MS")]
     pub auth_timeout_ms: Option<u64>,
-    /// Largest `send` body in bytes (too_large above).
+    /// Largest `send` body in bytes; larger gets too_large [default: 65536].
     #[arg(long, env = "FLARE_MAX_BODY_BYTES", value_name = "BYTES")]
     pub max_body_bytes: Option<usize>,
-    /// Largest WebSocket message in bytes (close 1009 above).
+    /// Largest WebSocket message in bytes; larger closes with 1009 [default: 1048576].
     #[arg(long, env = "FLARE_MAX_FRAME_BYTES", value_name = "BYTES")]
     pub max_frame_bytes: Option<usize>,
-    /// Largest WebSocket upgrade request in bytes.
+    /// Largest WebSocket upgrade request in bytes [default: 8192].
     #[arg(long, env = "FLARE_MAX_HANDSHAKE_BYTES", value_name = "BYTES")]
     pub max_handshake_bytes: Option<usize>,
-    /// Sends per second per connection (token bucket, burst of the same size).
+    /// Sends per second per connection, a token bucket with a burst of the same size [default: 100].
     #[arg(long, env = "FLARE_SENDS_PER_SEC", value_name = "N")]
     pub sends_per_sec: Option<u32>,
-    /// Bytes queued for one slow connection before it is closed with 4008.
+    /// Bytes queued for one slow connection before it is closed with 4008 [default: 4194304].
     #[arg(long, env = "FLARE_OUTBOUND_BYTES_MAX", value_name = "BYTES")]
     pub outbound_bytes_max: Option<usize>,
-    /// Connections one shard holds at most.
+    /// Connections one shard holds at most [default: 1000000].
     #[arg(long, env = "FLARE_CONNS_PER_SHARD", value_name = "N")]
     pub conns_per_shard: Option<usize>,
-    /// Depth of each inter-thread queue (shard <-> pipeline).
+    /// Depth of each inter-thread queue, shard <-> pipeline [default: 65536].
     #[arg(long, env = "FLARE_QUEUE_DEPTH", value_name = "N")]
     pub queue_depth: Option<usize>,
-    /// Inbox retention: messages kept per user.
+    /// Inbox retention: messages kept per user [default: 10000].
     #[arg(long, env = "FLARE_RETENTION_MESSAGES", value_name = "N")]
     pub retention_messages: Option<usize>,
-    /// Inbox retention: age in seconds.
+    /// Inbox retention: age in seconds [default: 604800, 7 days].
     #[arg(long, env = "FLARE_RETENTION_SECS", value_name = "SECS")]
     pub retention_secs: Option<u64>,
-    /// Dedup window of client message ids, in seconds.
+    /// Dedup window of client message ids, in seconds [default: 600].
     #[arg(long, env = "FLARE_DEDUP_WINDOW_SECS", value_name = "SECS")]
     pub dedup_window_secs: Option<u64>,
-    /// How long a drain (SIGTERM) waits for connections to go before exiting.
+    /// How long a drain (SIGTERM) waits for connections to go before exiting [default: 10000].
     #[arg(long, env = "FLARE_DRAIN_TIMEOUT_MS", value_name = "MS")]
     pub drain_timeout_ms: Option<u64>,
 }
@@ -456,6 +456,38 @@ mod tests {
         })
         .unwrap_err();
         assert!(err.to_string().contains("--shards"));
+    }
+
+    #[test]
+    fn help_states_the_real_defaults() {
+        use clap::Args as _;
+        let help = ServeArgs::augment_args(clap::Command::new("serve"))
+            .render_long_help()
+            .to_string();
+        let help = help.split_whitespace().collect::<Vec<_>>().join(" ");
+        let l = Limits::default();
+        for (flag, v) in [
+            ("--heartbeat-ms", l.heartbeat_ms.to_string()),
+            ("--auth-timeout-ms", l.auth_timeout_ms.to_string()),
+            ("--max-body-bytes", l.max_body_bytes.to_string()),
+            ("--max-frame-bytes", l.max_frame_bytes.to_string()),
+            ("--max-handshake-bytes", l.max_handshake_bytes.to_string()),
+            ("--sends-per-sec", l.sends_per_sec.to_string()),
+            ("--outbound-bytes-max", l.outbound_bytes_max.to_string()),
+            ("--conns-per-shard", l.conns_per_shard.to_string()),
+            ("--queue-depth", l.queue_depth.to_string()),
+            ("--retention-messages", l.retention_messages.to_string()),
+            ("--retention-secs", l.retention_secs.to_string()),
+            ("--dedup-window-secs", l.dedup_window_secs.to_string()),
+            ("--drain-timeout-ms", l.drain_timeout_ms.to_string()),
+        ] {
+            let at = help
+                .find(&format!("{flag} <"))
+                .unwrap_or_else(|| panic!("{flag} in help"));
+            let rest = &help[at..];
+            let entry = &rest[..rest[2..].find(" --").map_or(rest.len(), |i| i + 2)];
+            assert!(entry.contains(&format!("[default: {v}")), "{flag}: {entry}");
+        }
     }
 
     #[test]

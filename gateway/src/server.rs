@@ -78,6 +78,8 @@ pub fn serve(cfg: Config) -> Result<()> {
             retention_ms: cfg.limits.retention_secs.saturating_mul(1000),
             dedup_window_ms: cfg.limits.dedup_window_secs.saturating_mul(1000),
             catchup_page: 256,
+            // A page plus what is already queued must fit the outbound bound.
+            page_bytes_max: cfg.limits.outbound_bytes_max / 4,
         },
         req_receiver,
         event_senders,

@@ -654,23 +654,62 @@ fn large_backlog_is_delivered_to_a_fast_reader_by_resume_and_sync() {
         }
     }
     assert_eq!(got, (1..=N as u64).collect::<Vec<_>>());
-    // One sync page of 1000.
+    // Sync pages of up to 1000: the server may cut a page by bytes (`more: true`),
+    // and paging on from `last` must give every entry once, in order, no 4008.
     let (mut t, _) = s.login("bob", "tablet", None);
-    t.send_json(json!({"type": "sync", "after": 0, "limit": 1000}));
     let mut got = Vec::new();
+    let mut after = 0u64;
     loop {
-        match t.next_event(RECV_TIMEOUT) {
-            Event::Frame(v) if v["type"] == "msg" => got.push(seq(&v)),
-            Event::Frame(v) if v["type"] == "sync_done" => {
-                assert_eq!(v["more"], false, "{v}");
-                break;
+        t.send_json(json!({"type": "sync", "after": after, "limit": 1000}));
+        let more = loop {
+            match t.next_event(RECV_TIMEOUT) {
+                Event::Frame(v) if v["type"] == "msg" => got.push(seq(&v)),
+                Event::Frame(v) if v["type"] == "sync_done" => {
+                    after = v["last"].as_u64().expect("sync_done.last");
+                    break v["more"] == true;
+                }
+                Event::Frame(_) => {}
+                other => panic!(
+                    "sync of a {N} × 60 KB inbox: after {} messages got {other:?}",
+                    got.len()
+                ),
             }
-            Event::Frame(_) => {}
-            other => panic!(
-                "sync of a {N} × 60 KB inbox: after {} messages got {other:?}",
-                got.len()
-            ),
+        };
+        if !more {
+            break;
         }
     }
     assert_eq!(got, (1..=N as u64).collect::<Vec<_>>());
+}
+
+/// §4 retention: with `--retention-messages 10`, asking for older messages yields
+/// `sync_done{truncated:true}`; what is kept is the last 10, gap-free.
+#[test]
+fn sync_older_than_retention_is_truncated() {
+    let s = Server::with_args(&["--retention-messages", "10"]);
+    let (mut a, _) = s.login("alice", "phone", None);
+    for i in 1..=25 {
+        a.send_ok(&format!("t{i}"), "bob", &format!("body {i}"));
+    }
+    let (mut b, ok) = s.login("bob", "tablet", None);
+    assert_eq!(ok["head_seq"], 25, "{ok}");
+    let (msgs, done) = b.sync_page(0, 100);
+    assert_eq!(
+        done["truncated"], true,
+        "sync after 0 with only seqs 16..=25 retained: {done}"
+    );
+    assert_eq!(done["after"], 0, "{done}");
+    // Whatever this page carries is retained messages, ascending, gap-free.
+    let got = seqs(&msgs);
+    assert!(
+        got.iter().all(|s| (16..=25).contains(s)),
+        "messages outside retention: {got:?}"
+    );
+    assert!(got.windows(2).all(|w| w[1] == w[0] + 1), "{got:?}");
+    // From the retention edge on, nothing is truncated.
+    let (msgs, done) = b.sync_page(15, 100);
+    assert_eq!(seqs(&msgs), (16..=25).collect::<Vec<_>>());
+    assert_eq!(done["truncated"], false, "{done}");
+    assert_eq!(done["last"], 25, "{done}");
+    assert_eq!(done["more"], false, "{done}");
 }

@@ -16,17 +16,22 @@ pub fn request(
     token: &str,
     body: &str,
 ) -> Result<(u16, String), String> {
-    let mut s = TcpStream::connect_timeout(&addr, TIMEOUT).map_err(|e| format!("admin API {addr}: {e}"))?;
-    s.set_read_timeout(Some(TIMEOUT)).map_err(|e| e.to_string())?;
-    s.set_write_timeout(Some(TIMEOUT)).map_err(|e| e.to_string())?;
+    let mut s =
+        TcpStream::connect_timeout(&addr, TIMEOUT).map_err(|e| format!("admin API {addr}: {e}"))?;
+    s.set_read_timeout(Some(TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    s.set_write_timeout(Some(TIMEOUT))
+        .map_err(|e| e.to_string())?;
     let req = format!(
         "{method} {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n\
          Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
-    s.write_all(req.as_bytes()).map_err(|e| format!("admin API {addr}: {e}"))?;
+    s.write_all(req.as_bytes())
+        .map_err(|e| format!("admin API {addr}: {e}"))?;
     let mut resp = Vec::new();
-    s.read_to_end(&mut resp).map_err(|e| format!("admin API {addr}: {e}"))?;
+    s.read_to_end(&mut resp)
+        .map_err(|e| format!("admin API {addr}: {e}"))?;
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut r = httparse::Response::new(&mut headers);
     let head = match r.parse(&resp) {
@@ -46,7 +51,14 @@ pub fn put_group(
     members: &[String],
 ) -> Result<(), String> {
     let body = serde_json::json!({ "members": members }).to_string();
-    let (code, text) = request(addr, host, "PUT", &format!("/v1/groups/{group}"), token, &body)?;
+    let (code, text) = request(
+        addr,
+        host,
+        "PUT",
+        &format!("/v1/groups/{group}"),
+        token,
+        &body,
+    )?;
     if code == 204 || code == 200 {
         Ok(())
     } else {

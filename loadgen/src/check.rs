@@ -202,7 +202,10 @@ impl Checker {
                 .sum()
         };
         let lost = missing(false);
-        debug_assert_eq!(lost, self.outstanding, "outstanding counts acked-not-received");
+        debug_assert_eq!(
+            lost, self.outstanding,
+            "outstanding counts acked-not-received"
+        );
         CheckSummary {
             abandoned: missing(true),
             acked: self.acked,
@@ -362,7 +365,10 @@ mod tests {
         assert_eq!(r.received(0, 1), Receipt::Reordered);
         assert_eq!(r.received(0, 2), Receipt::Duplicate);
         let s = r.summary();
-        assert_eq!((s.received, s.reordered, s.duplicates, s.unexpected), (3, 1, 1, 0));
+        assert_eq!(
+            (s.received, s.reordered, s.duplicates, s.unexpected),
+            (3, 1, 1, 0)
+        );
     }
 
     #[test]
@@ -376,6 +382,12 @@ mod tests {
         s.on_msg(47, &mut t); // 45 and 46 skipped
         s.on_msg(47, &mut t); // repeated
         s.on_msg(48, &mut t);
-        assert_eq!(t, SeqSummary { gaps: 2, repeats: 1 });
+        assert_eq!(
+            t,
+            SeqSummary {
+                gaps: 2,
+                repeats: 1
+            }
+        );
     }
 }

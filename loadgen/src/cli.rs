@@ -26,7 +26,7 @@ error.
 Examples:
   flare-loadgen --jwt-secret S connect --conns 10000 --ramp-rate 2000 --duration 30s --server-pid PID
   flare-loadgen --jwt-secret S chat --pairs 50 --rate 2000 --duration 30s
-  flare-loadgen --jwt-secret S --admin-token T fanout --members 1000 --rate 100 --duration 20s
+  flare-loadgen --jwt-secret S fanout --admin-token T --members 1000 --publishers 2 --rate 100 --duration 20s
   flare-loadgen --jwt-secret S churn --rate 500 --lifetime 1s --duration 30s";
 
 /// Load generator for Flare: many authenticated WebSocket sessions, open-loop message
@@ -77,8 +77,9 @@ pub struct Common {
     /// Longest wait, after the run, for outstanding acks and deliveries.
     #[arg(long, global = true, default_value = "10s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
-    /// Pid of the server: its RSS (VmRSS) and the host's kernel TCP memory are sampled
-    /// before connecting and once every session is up, and reported per connection.
+    /// Pid of the server: its RSS (VmRSS), the host's kernel TCP buffer memory and
+    /// kernel slab memory are sampled before connecting and once every session is up
+    /// (after --settle), and reported per connection.
     #[arg(long, global = true)]
     pub server_pid: Option<u32>,
     /// Pause between "every session is up" and the memory sample.
@@ -153,7 +154,8 @@ pub struct FanoutArgs {
     #[arg(long, default_value_t = 1)]
     pub publishers: usize,
     /// Group messages per second over all publishers (each is delivered to every
-    /// member, the publisher included).
+    /// member, the publisher included). Each publisher sends rate / publishers per
+    /// second: mind the gateway's per-connection limit (`--sends-per-sec`, default 100).
     #[arg(long, default_value_t = 10.0)]
     pub rate: f64,
     /// Bytes of each message body.
@@ -207,7 +209,9 @@ pub fn parse_ws_url(url: &str) -> Result<WsUrl, String> {
     if authority.is_empty() {
         return Err(format!("`{url}` has no host"));
     }
-    let with_port = if authority.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+    let with_port = if authority
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
         && !authority.ends_with(']')
     {
         authority.to_string()
@@ -232,7 +236,10 @@ pub fn parse_http_base(url: &str) -> Result<(SocketAddr, String), String> {
         .strip_prefix("http://")
         .ok_or_else(|| format!("`{url}`: only http:// admin URLs are supported"))?;
     let authority = rest.trim_end_matches('/');
-    let with_port = if authority.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
+    let with_port = if authority
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+    {
         authority.to_string()
     } else {
         format!("{authority}:80")
@@ -252,8 +259,11 @@ mod tests {
     #[test]
     fn ws_urls_parse() {
         let u = parse_ws_url("ws://127.0.0.1:8080/ws").unwrap();
-        assert_eq!(u.addr, "127.0.0.1:8080".parse().unwrap());
-        assert_eq!((u.host.as_str(), u.path.as_str()), ("127.0.0.1:8080", "/ws"));
+        assert_eq!(u.addr, "127.0.0.1:8080".parse::<SocketAddr>().unwrap());
+        assert_eq!(
+            (u.host.as_str(), u.path.as_str()),
+            ("127.0.0.1:8080", "/ws")
+        );
         let u = parse_ws_url("ws://127.0.0.1").unwrap();
         assert_eq!((u.addr.port(), u.path.as_str()), (80, "/"));
         assert!(parse_ws_url("http://127.0.0.1/ws").is_err());

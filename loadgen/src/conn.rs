@@ -29,6 +29,9 @@ use crate::ws;
 /// Bytes of the worker thread's read buffer.
 const READ_BUF_BYTES: usize = 64 * 1024;
 
+/// The close code of a normal closure (RFC 6455 §7.4.1).
+const CLOSE_NORMAL: u16 = 1000;
+
 /// How long a closing connection waits for the server to finish the close handshake.
 const CLOSE_WAIT: Duration = Duration::from_secs(3);
 
@@ -41,7 +44,9 @@ thread_local! {
 fn seed() -> u64 {
     let t = mono_ns();
     let tid = std::thread::current().id();
-    let h = format!("{tid:?}").bytes().fold(t, |a, b| a.rotate_left(5) ^ b as u64);
+    let h = format!("{tid:?}")
+        .bytes()
+        .fold(t, |a, b| a.rotate_left(5) ^ b as u64);
     h | 1
 }
 
@@ -176,7 +181,10 @@ impl Conn {
     /// Sends a protocol `ping` if nothing was sent for half the heartbeat interval.
     pub fn ping_if_idle(&self, enc: Encoding, now_ns: u64) {
         let hb = self.heartbeat_ms.get();
-        if hb > 0 && self.is_open() && now_ns.saturating_sub(self.last_send_ns.get()) >= hb * 500_000 {
+        if hb > 0
+            && self.is_open()
+            && now_ns.saturating_sub(self.last_send_ns.get()) >= hb * 500_000
+        {
             self.send(enc, &Outgoing::Ping);
         }
     }
@@ -260,7 +268,8 @@ fn read_available(fd: RawFd, mut on_bytes: impl FnMut(&[u8]) -> bool) -> io::Res
         loop {
             // SAFETY: `buf` is a live, exclusively borrowed allocation of `buf.len()`
             // bytes; recv(2) writes at most that many, and we read only what it reports.
-            let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+            let n =
+                unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
             if n < 0 {
                 let e = io::Error::last_os_error();
                 match e.kind() {
@@ -343,10 +352,12 @@ pub async fn drive<H: Handler>(
     started_ns: u64,
 ) {
     let step = Cell::new(Step::Connect);
-    let setup = monoio::time::timeout(
+    // Setup's state (handshake buffers, the connect and timeout futures) is boxed, so
+    // it is freed once the session is open instead of sizing every idle connection.
+    let setup = Box::pin(monoio::time::timeout(
         target.connect_timeout,
         establish(&conn, &target, source, &token, &step),
-    )
+    ))
     .await;
     drop(token);
     let (stream, head_seq) = match setup {
@@ -382,7 +393,9 @@ async fn establish(
     token: &str,
     step: &Cell<Step>,
 ) -> Result<(TcpStream, u64), String> {
-    let stream = connect(target.addr, source).await.map_err(|e| io_reason(&e))?;
+    let stream = connect(target.addr, source)
+        .await
+        .map_err(|e| io_reason(&e))?;
     conn.fd.set(stream.as_raw_fd());
 
     step.set(Step::Handshake);
@@ -427,11 +440,17 @@ async fn establish(
 
     step.set(Step::Auth);
     let enc = target.encoding;
-    if !conn.send(enc, &Outgoing::Auth { token, device: Some("lg") }) {
+    if !conn.send(
+        enc,
+        &Outgoing::Auth {
+            token,
+            device: Some("lg"),
+        },
+    ) {
         return Err("auth_send_failed".into());
     }
     let mut outcome: Option<Result<u64, String>> = None;
-    let mut on_message = |m: ws::Message<'_>, outcome: &mut Option<Result<u64, String>>| match m {
+    let on_message = |m: ws::Message<'_>, outcome: &mut Option<Result<u64, String>>| match m {
         ws::Message::Text(p) | ws::Message::Binary(p) if outcome.is_none() => {
             let text = matches!(m, ws::Message::Text(_));
             *outcome = match proto::decode(enc, text, p) {
@@ -442,8 +461,8 @@ async fn establish(
                     conn.heartbeat_ms.set(heartbeat_ms);
                     Some(Ok(head_seq))
                 }
-                Ok(Incoming::Error { code, .. }) => Some(Err(format!("auth_{code}"))),
-                Ok(Incoming::Goaway { reason }) => Some(Err(format!("goaway_{reason}"))),
+                Ok(Incoming::Error { code, .. }) => Some(Err(format!("auth:{code}"))),
+                Ok(Incoming::Goaway { reason }) => Some(Err(format!("goaway:{reason}"))),
                 Ok(_) => Some(Err("unexpected_frame_before_auth_ok".into())),
                 Err(e) => Some(Err(e.0.to_string())),
             };
@@ -511,8 +530,8 @@ fn pong(conn: &Conn, payload: &[u8]) {
 
 fn close_reason(code: Option<u16>) -> String {
     match code {
-        Some(c) => format!("close_{c}"),
-        None => "close_no_code".into(),
+        Some(c) => format!("close:{c}"),
+        None => "close:no_code".into(),
     }
 }
 
@@ -525,7 +544,11 @@ async fn connect(addr: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpStre
     } else {
         Domain::IPV6
     };
-    let socket = Socket::new(domain, Type::STREAM.nonblocking().cloexec(), Some(Protocol::TCP))?;
+    let socket = Socket::new(
+        domain,
+        Type::STREAM.nonblocking().cloexec(),
+        Some(Protocol::TCP),
+    )?;
     socket.set_nodelay(true)?;
     if let Some(ip) = source {
         let on: libc::c_int = 1;
@@ -572,8 +595,80 @@ async fn connect(addr: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpStre
     Ok(stream)
 }
 
+/// What the reader saw of the end of a session.
+#[derive(Default)]
+struct Ending {
+    /// A close frame from the server, with its code if it had one.
+    server_close: Option<Option<u16>>,
+    /// A `goaway` frame's reason, as a failure reason.
+    goaway: Option<String>,
+}
+
+impl Ending {
+    /// Why the server ended the session: its `goaway`, else its close code, else
+    /// what the socket said.
+    fn reason(&self, fallback: String) -> String {
+        self.goaway
+            .clone()
+            .or_else(|| self.server_close.map(close_reason))
+            .unwrap_or(fallback)
+    }
+}
+
+enum Read {
+    /// Everything available was read; the socket is still open.
+    Open,
+    /// End of stream.
+    Eof,
+    /// A socket error or a WebSocket violation, as a reason.
+    Failed(String),
+}
+
+/// Reads what the socket has and hands each frame to the handler.
+fn read_frames<H: Handler>(
+    conn: &Rc<Conn>,
+    handler: &H,
+    enc: Encoding,
+    ending: &mut Ending,
+) -> Read {
+    let mut violation: Option<String> = None;
+    let read = read_available(conn.fd.get(), |bytes| {
+        let r = conn.dec.borrow_mut().feed(bytes, |m| match m {
+            ws::Message::Text(p) | ws::Message::Binary(p) => {
+                let text = matches!(m, ws::Message::Text(_));
+                match proto::decode(enc, text, p) {
+                    Ok(Incoming::Goaway { reason }) => {
+                        ending.goaway = Some(format!("goaway:{reason}"));
+                    }
+                    Ok(f) => handler.on_frame(conn, f, mono_ns()),
+                    Err(e) => handler.on_bad_frame(conn, e.0),
+                }
+            }
+            ws::Message::Ping(p) => pong(conn, p),
+            ws::Message::Pong => {}
+            ws::Message::Close(code) => {
+                if ending.server_close.is_none() {
+                    ending.server_close = Some(code);
+                }
+            }
+        });
+        if let Err(e) = r {
+            violation = Some(e.reason().into());
+            return false;
+        }
+        true
+    });
+    match (violation, read) {
+        (Some(v), _) => Read::Failed(v),
+        (None, Ok(true)) => Read::Open,
+        (None, Ok(false)) => Read::Eof,
+        (None, Err(e)) => Read::Failed(io_reason(&e)),
+    }
+}
+
 /// The open session: frames to the handler until the end. Returns None when we
-/// closed it, else why it was dropped.
+/// closed it, else why it was dropped. Only readiness waits live in this loop, so an
+/// idle connection's task stays small; the close handshake has its own function.
 async fn session<H: Handler>(
     conn: &Rc<Conn>,
     handler: &H,
@@ -581,104 +676,165 @@ async fn session<H: Handler>(
     stream: &TcpStream,
 ) -> Option<String> {
     let enc = target.encoding;
-    let mut close_sent = false;
-    let mut server_close: Option<Option<u16>> = None;
-    let mut goaway: Option<String> = None;
-    let mut close_deadline = None;
+    let mut ending = Ending::default();
     loop {
-        if conn.closing.get() && !close_sent {
-            let mut frame = Vec::with_capacity(8);
-            ws::encode_close(flare_codec::close::NORMAL, mask(), &mut frame);
-            conn.send_bytes(&frame);
-            close_sent = true;
-            close_deadline = Some(monoio::time::Instant::now() + CLOSE_WAIT);
+        if conn.closing.get() {
+            Box::pin(close_handshake(conn, handler, enc, stream, ending)).await;
+            return None;
         }
-        if conn.broken.get() && !close_sent {
+        if conn.broken.get() {
             return Some("send_failed".into());
         }
         let want_write = match conn.flush() {
             Ok(empty) => !empty,
-            Err(e) => return (!close_sent).then(|| io_reason(&e)),
+            Err(e) => return Some(io_reason(&e)),
         };
-        if close_sent && server_close.is_some() {
-            // Both close frames are out: half-close and wait for the server's FIN.
-            // SAFETY: plain syscall on our own open socket.
-            unsafe { libc::shutdown(conn.fd.get(), libc::SHUT_WR) };
-        }
-        let deadline = close_deadline;
         monoio::select! {
             r = stream.readable(false) => {
                 if let Err(e) = r {
-                    return (!close_sent).then(|| io_reason(&e));
+                    return Some(io_reason(&e));
                 }
-                let mut bad: Option<String> = None;
-                let read = read_available(conn.fd.get(), |bytes| {
-                    let r = conn.dec.borrow_mut().feed(bytes, |m| match m {
-                        ws::Message::Text(p) | ws::Message::Binary(p) => {
-                            let text = matches!(m, ws::Message::Text(_));
-                            match proto::decode(enc, text, p) {
-                                Ok(Incoming::Goaway { reason }) => {
-                                    goaway = Some(format!("goaway_{reason}"));
-                                }
-                                Ok(f) => handler.on_frame(conn, f, mono_ns()),
-                                Err(e) => handler.on_bad_frame(conn, e.0),
-                            }
-                        }
-                        ws::Message::Ping(p) => pong(conn, p),
-                        ws::Message::Pong => {}
-                        ws::Message::Close(code) => {
-                            if server_close.is_none() {
-                                server_close = Some(code);
-                            }
-                        }
-                    });
-                    if let Err(e) = r {
-                        bad = Some(e.reason().into());
-                        return false;
-                    }
-                    true
-                });
-                if let Some(reason) = bad {
-                    return (!close_sent).then_some(reason);
+                match read_frames(conn, handler, enc, &mut ending) {
+                    Read::Open => {}
+                    Read::Eof => return Some(ending.reason("eof".into())),
+                    Read::Failed(why) => return Some(ending.reason(why)),
                 }
-                match read {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        if close_sent {
-                            return None;
-                        }
-                        return Some(goaway.or(server_close.map(close_reason)).unwrap_or_else(|| "eof".into()));
-                    }
-                    Err(e) => {
-                        if close_sent {
-                            return None;
-                        }
-                        return Some(goaway.or(server_close.map(close_reason)).unwrap_or_else(|| io_reason(&e)));
-                    }
-                }
-                if server_close.is_some() && !close_sent {
-                    // Answer the server's close; the session was ended by the server.
-                    let reason = goaway.clone().unwrap_or_else(|| close_reason(server_close.flatten()));
+                if let Some(code) = ending.server_close {
+                    // Answer the server's close: the server ended the session.
                     let mut frame = Vec::with_capacity(8);
-                    ws::encode_close(server_close.flatten().unwrap_or(flare_codec::close::NORMAL), mask(), &mut frame);
+                    ws::encode_close(code.unwrap_or(CLOSE_NORMAL), mask(), &mut frame);
                     conn.send_bytes(&frame);
                     let _ = conn.flush();
-                    return Some(reason);
+                    return Some(ending.reason(String::new()));
                 }
             }
             r = stream.writable(false), if want_write => {
                 if let Err(e) = r {
-                    return (!close_sent).then(|| io_reason(&e));
+                    return Some(io_reason(&e));
                 }
             }
             _ = conn.wake.notified() => {}
-            _ = sleep_until(deadline), if deadline.is_some() => return None,
         }
     }
 }
 
-async fn sleep_until(deadline: Option<monoio::time::Instant>) {
-    if let Some(d) = deadline {
-        monoio::time::sleep_until(d).await;
+/// Our close: a close frame 1000, then frames (still handed over) until the server's
+/// close and end of stream, for at most [`CLOSE_WAIT`].
+async fn close_handshake<H: Handler>(
+    conn: &Rc<Conn>,
+    handler: &H,
+    enc: Encoding,
+    stream: &TcpStream,
+    mut ending: Ending,
+) {
+    let mut frame = Vec::with_capacity(8);
+    ws::encode_close(CLOSE_NORMAL, mask(), &mut frame);
+    conn.send_bytes(&frame);
+    let _ = monoio::time::timeout(CLOSE_WAIT, async {
+        let mut half_closed = false;
+        loop {
+            let want_write = match conn.flush() {
+                Ok(empty) => !empty,
+                Err(_) => return,
+            };
+            if !want_write && ending.server_close.is_some() && !half_closed {
+                // SAFETY: plain syscall on our own open socket.
+                unsafe { libc::shutdown(conn.fd.get(), libc::SHUT_WR) };
+                half_closed = true;
+            }
+            monoio::select! {
+                r = stream.readable(false) => {
+                    if r.is_err() {
+                        return;
+                    }
+                    match read_frames(conn, handler, enc, &mut ending) {
+                        Read::Open => {}
+                        Read::Eof | Read::Failed(_) => return,
+                    }
+                }
+                r = stream.writable(false), if want_write => {
+                    if r.is_err() {
+                        return;
+                    }
+                }
+                _ = conn.wake.notified() => {}
+            }
+        }
+    })
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Quiet;
+
+    impl Handler for Quiet {
+        fn on_open(&self, _: &Rc<Conn>, _: u64, _: u64, _: u64) {}
+        fn on_setup_failed(&self, _: &Rc<Conn>, _: String) {}
+        fn on_frame(&self, _: &Rc<Conn>, _: Incoming<'_>, _: u64) {}
+        fn on_bad_frame(&self, _: &Rc<Conn>, _: &'static str) {}
+        fn on_closed(&self, _: &Rc<Conn>, _: Option<String>) {}
+    }
+
+    /// One process holds ~20k connections: the state of an idle one (its task's
+    /// future and its shared struct) must stay small. Setup and close are boxed so
+    /// they do not size the idle state.
+    #[test]
+    fn an_idle_connection_stays_small() {
+        let target = Rc::new(Target {
+            addr: "127.0.0.1:9".parse().expect("addr"),
+            host: "h".into(),
+            path: "/".into(),
+            encoding: Encoding::Json,
+            connect_timeout: Duration::from_secs(1),
+        });
+        let task = drive(Conn::new(0), Rc::new(Quiet), target, None, String::new(), 0);
+        let task_bytes = std::mem::size_of_val(&task);
+        let conn_bytes = std::mem::size_of::<Conn>();
+        assert!(
+            task_bytes <= 1024,
+            "connection task future is {task_bytes} bytes"
+        );
+        assert!(conn_bytes <= 256, "Conn is {conn_bytes} bytes");
+    }
+
+    #[test]
+    fn connects_from_the_source_address_it_is_given() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+            .enable_timer()
+            .build()
+            .expect("runtime");
+        for source in ["127.0.0.2", "127.0.0.3"] {
+            let ip: IpAddr = source.parse().expect("ip");
+            let stream = rt.block_on(connect(addr, Some(ip))).expect("connect");
+            let (_peer, from) = listener.accept().expect("accept");
+            assert_eq!(from.ip(), ip);
+            assert_eq!(stream.local_addr().expect("local").ip(), ip);
+        }
+        // Nobody listening: the reason is named.
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            l.local_addr().expect("addr")
+        };
+        let err = rt.block_on(connect(closed, None)).expect_err("refused");
+        assert_eq!(io_reason(&err), "refused");
+    }
+
+    #[test]
+    fn notify_wakes_once_and_remembers_an_early_notify() {
+        let n = Notify::default();
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        let mut f = Box::pin(n.notified());
+        assert!(f.as_mut().poll(&mut cx).is_pending());
+        n.notify();
+        assert!(f.as_mut().poll(&mut cx).is_ready());
+        n.notify();
+        assert!(Box::pin(n.notified()).as_mut().poll(&mut cx).is_ready());
+        assert!(Box::pin(n.notified()).as_mut().poll(&mut cx).is_pending());
     }
 }

@@ -32,7 +32,11 @@ impl LatencyHist {
 
     /// Records one latency in nanoseconds (0 is recorded as 1 ns).
     pub fn record(&mut self, ns: u64) {
-        self.0.saturating_record(ns.max(1));
+        let v = ns.max(1);
+        // Auto-resize makes room for any value; should growing fail, clamp.
+        if self.0.record(v).is_err() {
+            self.0.saturating_record(v);
+        }
     }
 
     pub fn count(&self) -> u64 {

@@ -1,8 +1,8 @@
-//! `flare-loadgen`: not built yet (issue "flare-loadgen and the side-by-side
-//! benchmark"). The binary exists so the workspace has its final shape; it says
-//! so instead of pretending to measure anything.
+//! `flare-loadgen`: see `flare-loadgen --help` and the crate documentation.
+
+use clap::Parser;
 
 fn main() {
-    eprintln!("flare-loadgen is not implemented yet; see README.md \"What is not done yet\"");
-    std::process::exit(2);
+    let cli = flare_loadgen::cli::Cli::parse();
+    std::process::exit(flare_loadgen::coordinator::main_with(cli));
 }

@@ -48,8 +48,15 @@ pub enum To<'a> {
 /// A frame the load generator sends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outgoing<'a> {
-    Auth { token: &'a str, device: Option<&'a str> },
-    Send { id: &'a str, to: To<'a>, body: &'a str },
+    Auth {
+        token: &'a str,
+        device: Option<&'a str>,
+    },
+    Send {
+        id: &'a str,
+        to: To<'a>,
+        body: &'a str,
+    },
     Ping,
 }
 
@@ -120,12 +127,27 @@ pub fn encode(enc: Encoding, frame: &Outgoing<'_>, out: &mut Vec<u8>) {
 /// from the received bytes where they can.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Incoming<'a> {
-    AuthOk { head_seq: u64, heartbeat_ms: u64 },
-    SendOk { id: Cow<'a, str>, dup: bool },
-    Msg { seq: u64, from: Cow<'a, str>, body: Cow<'a, str> },
-    Error { code: Cow<'a, str>, id: Option<Cow<'a, str>> },
+    AuthOk {
+        head_seq: u64,
+        heartbeat_ms: u64,
+    },
+    SendOk {
+        id: Cow<'a, str>,
+        dup: bool,
+    },
+    Msg {
+        seq: u64,
+        from: Cow<'a, str>,
+        body: Cow<'a, str>,
+    },
+    Error {
+        code: Cow<'a, str>,
+        id: Option<Cow<'a, str>>,
+    },
     Pong,
-    Goaway { reason: Cow<'a, str> },
+    Goaway {
+        reason: Cow<'a, str>,
+    },
     SyncDone,
 }
 
@@ -214,7 +236,9 @@ pub fn decode(enc: Encoding, is_text: bool, bytes: &[u8]) -> Result<Incoming<'_>
                     id: Cow::Borrowed(id.as_str()),
                     dup: *dup,
                 },
-                ArchivedServerFrame::Msg { seq, from, body, .. } => Incoming::Msg {
+                ArchivedServerFrame::Msg {
+                    seq, from, body, ..
+                } => Incoming::Msg {
                     seq: seq.to_native(),
                     from: Cow::Borrowed(from.as_str()),
                     body: Cow::Borrowed(body.as_str()),

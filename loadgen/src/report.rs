@@ -128,8 +128,8 @@ pub struct WorkerResult {
     /// The run phase, CLOCK_MONOTONIC ns: earliest start, latest end.
     pub run_start_ns: Option<u64>,
     pub run_end_ns: Option<u64>,
-    /// Resident memory of the load generator's processes once every session was up,
-    /// summed over processes (KiB).
+    /// Growth of the load generator's resident memory from its start to every session
+    /// up (worker runtimes included), summed over processes (KiB).
     pub loadgen_rss_kib: u64,
 }
 
@@ -169,12 +169,25 @@ pub struct MemReport {
     pub tcp_mem_before_bytes: u64,
     pub tcp_mem_after_bytes: u64,
     pub tcp_mem_per_conn_bytes: f64,
-    /// The load generator's own resident memory per connection (all its processes).
+    /// Kernel slab memory of the whole host (`Slab:` of /proc/meminfo): socket
+    /// structures of both ends of every loopback connection, and anything else the
+    /// host allocated meanwhile, so an upper bound of the kernel's cost.
+    pub kernel_slab_before_bytes: u64,
+    pub kernel_slab_after_bytes: u64,
+    pub kernel_slab_per_conn_bytes: f64,
+    /// The load generator's own memory growth per connection (all its processes,
+    /// runtimes and buffers included, so an upper bound).
     pub loadgen_rss_per_conn_bytes: f64,
 }
 
 impl MemReport {
-    pub fn new(pid: u32, before: MemSample, after: MemSample, conns: u64, loadgen_rss_kib: u64) -> MemReport {
+    pub fn new(
+        pid: u32,
+        before: MemSample,
+        after: MemSample,
+        conns: u64,
+        loadgen_rss_kib: u64,
+    ) -> MemReport {
         let per = |b: u64, a: u64| {
             if conns == 0 {
                 0.0
@@ -191,6 +204,9 @@ impl MemReport {
             tcp_mem_before_bytes: before.tcp_mem_bytes,
             tcp_mem_after_bytes: after.tcp_mem_bytes,
             tcp_mem_per_conn_bytes: per(before.tcp_mem_bytes, after.tcp_mem_bytes),
+            kernel_slab_before_bytes: before.slab_bytes,
+            kernel_slab_after_bytes: after.slab_bytes,
+            kernel_slab_per_conn_bytes: per(before.slab_bytes, after.slab_bytes),
             loadgen_rss_per_conn_bytes: per(0, loadgen_rss_kib * 1024),
         }
     }
@@ -434,9 +450,18 @@ impl Report {
         let _ = writeln!(
             w,
             "connections: {}/{} established, {} failed, {} dropped; ramp {:.2} s = {:.0} conn/s",
-            c.established, c.attempted, c.failed_total, c.dropped_total, c.ramp_secs, c.connect_rate_per_sec
+            c.established,
+            c.attempted,
+            c.failed_total,
+            c.dropped_total,
+            c.ramp_secs,
+            c.connect_rate_per_sec
         );
-        let _ = writeln!(w, "  connect latency (scheduled attempt to auth_ok): {}", lat(&c.connect_latency));
+        let _ = writeln!(
+            w,
+            "  connect latency (scheduled attempt to auth_ok): {}",
+            lat(&c.connect_latency)
+        );
         if !c.failed.is_empty() {
             let _ = writeln!(w, "  failed: {}", counts(&c.failed));
         }
@@ -458,7 +483,14 @@ impl Report {
             );
             let _ = writeln!(
                 w,
-                "  load generator RSS: {:.0} B/conn",
+                "  kernel slab (host, both ends): {} -> {} = {:.0} B/conn",
+                bytes(m.kernel_slab_before_bytes),
+                bytes(m.kernel_slab_after_bytes),
+                m.kernel_slab_per_conn_bytes
+            );
+            let _ = writeln!(
+                w,
+                "  load generator RSS growth: {:.0} B/conn (upper bound: includes its runtimes)",
                 m.loadgen_rss_per_conn_bytes
             );
         }
@@ -482,11 +514,37 @@ impl Report {
                 "  deliveries: {} distinct of {} expected ({:.1}/s), {} msg frames in all",
                 m.deliveries_unique, m.deliveries_expected, m.deliveries_per_sec, m.deliveries
             );
-            let _ = writeln!(w, "  end-to-end latency (scheduled send to msg): {}", lat(&m.e2e_latency));
-            let _ = writeln!(w, "  send_ok latency (scheduled send to send_ok): {}", lat(&m.send_ok_latency));
-            let _ = writeln!(w, "  load generator send lag (scheduled to written): {}", lat(&m.send_lag));
+            let _ = writeln!(
+                w,
+                "  end-to-end latency (scheduled send to msg): {}",
+                lat(&m.e2e_latency)
+            );
+            let _ = writeln!(
+                w,
+                "  send_ok latency (scheduled send to send_ok): {}",
+                lat(&m.send_ok_latency)
+            );
+            let _ = writeln!(
+                w,
+                "  load generator send lag (scheduled to written): {}",
+                lat(&m.send_lag)
+            );
         }
-        if let Some(i) = &self.integrity {
+        if let (true, Some(i), Some(m)) =
+            (self.scenario == "fanout", &self.integrity, &self.messages)
+        {
+            let d = &i.delivery;
+            let _ = writeln!(
+                w,
+                "integrity: deliveries expected {}, arrived {}, missing {}, duplicated {}, reordered {}",
+                m.deliveries_expected, d.received, i.missing_deliveries, d.duplicates, d.reordered
+            );
+            let _ = writeln!(
+                w,
+                "  inbox seq: {} gaps, {} repeats",
+                i.inbox_seq.gaps, i.inbox_seq.repeats
+            );
+        } else if let Some(i) = &self.integrity {
             let d = &i.delivery;
             let _ = writeln!(
                 w,

@@ -211,12 +211,14 @@ pub struct ProcessRun {
     pub shared: Arc<Shared>,
     handles: Vec<JoinHandle<Result<WorkerResult, String>>>,
     threads: usize,
+    rss_at_start_kib: u64,
     rss_at_ready_kib: Option<u64>,
 }
 
 impl ProcessRun {
     /// Starts this process's threads: global workers `process * threads ..`.
     pub fn start(cfg: Arc<RunConfig>, process: usize) -> Result<ProcessRun, String> {
+        let rss_at_start_kib = sysmem::self_rss_kib();
         let shared = Arc::new(Shared::default());
         let mut handles = Vec::new();
         for t in 0..cfg.threads {
@@ -234,7 +236,9 @@ impl ProcessRun {
                         .with_entries(1024)
                         .enable_timer()
                         .build()
-                        .map_err(|e| format!("worker {index}: cannot start a monoio runtime: {e}"))?;
+                        .map_err(|e| {
+                            format!("worker {index}: cannot start a monoio runtime: {e}")
+                        })?;
                     Ok(rt.block_on(crate::scenario::run(worker)))
                 })
                 .map_err(|e| format!("cannot spawn a worker thread: {e}"))?;
@@ -244,6 +248,7 @@ impl ProcessRun {
             shared,
             handles,
             threads: cfg.threads,
+            rss_at_start_kib,
             rss_at_ready_kib: None,
         })
     }
@@ -254,10 +259,9 @@ impl ProcessRun {
         if self.rss_at_ready_kib.is_none() && s.ready >= self.threads as u64 {
             self.rss_at_ready_kib = Some(sysmem::self_rss_kib());
         }
-        if s.ready < self.threads as u64 || s.run_done < self.threads as u64 {
-            if self.handles.iter().any(|h| h.is_finished()) {
-                return Err("a worker thread ended before the run did".into());
-            }
+        let unfinished = s.ready < self.threads as u64 || s.run_done < self.threads as u64;
+        if unfinished && self.handles.iter().any(|h| h.is_finished()) {
+            return Err("a worker thread ended before the run did".into());
         }
         Ok(s)
     }
@@ -281,7 +285,10 @@ impl ProcessRun {
             }
         }
         let mut total = WorkerResult::merged(&parts);
-        total.loadgen_rss_kib = self.rss_at_ready_kib.unwrap_or(0);
+        total.loadgen_rss_kib = self
+            .rss_at_ready_kib
+            .unwrap_or(0)
+            .saturating_sub(self.rss_at_start_kib);
         Ok(total)
     }
 }
@@ -368,7 +375,7 @@ struct ChildState {
     eof: bool,
 }
 
-struct ChildHandle {
+pub struct ChildHandle {
     child: Child,
     stdin: Option<ChildStdin>,
     state: Arc<Mutex<ChildState>>,
@@ -387,7 +394,8 @@ impl Fleet {
         if cfg.processes <= 1 {
             return Ok(Fleet::Local(ProcessRun::start(cfg, 0)?));
         }
-        let exe = std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?;
+        let exe =
+            std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?;
         let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
         let mut children = Vec::new();
         for p in 0..cfg.processes {
@@ -417,7 +425,10 @@ impl Fleet {
                             Ok(ChildLine::Progress { snapshot }) => s.snapshot = snapshot,
                             Ok(ChildLine::Result { result }) => s.result = Some(*result),
                             Ok(ChildLine::Failed { error }) => s.error = Some(error),
-                            Err(e) => s.error = Some(format!("unreadable line from worker process {p}: {e}")),
+                            Err(e) => {
+                                s.error =
+                                    Some(format!("unreadable line from worker process {p}: {e}"))
+                            }
                         }
                     }
                     st.lock().expect("child state lock").eof = true;
@@ -494,7 +505,10 @@ impl Fleet {
                         None => {
                             return Err(format!(
                                 "worker process {p} ({status}) gave no result{}",
-                                s.error.as_ref().map(|e| format!(": {e}")).unwrap_or_default()
+                                s.error
+                                    .as_ref()
+                                    .map(|e| format!(": {e}"))
+                                    .unwrap_or_default()
                             ))
                         }
                     }

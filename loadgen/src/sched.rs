@@ -47,7 +47,8 @@ impl OpenLoop {
     /// When tick `i` is due.
     pub fn scheduled_ns(&self, i: u64) -> u64 {
         let offset = i as u128 * 1_000_000_000_000u128 / self.rate_per_ks;
-        self.start_ns.saturating_add(offset.min(u64::MAX as u128) as u64)
+        self.start_ns
+            .saturating_add(offset.min(u64::MAX as u128) as u64)
     }
 
     /// When the next tick is due, or None once the schedule is over.
@@ -120,7 +121,10 @@ mod tests {
         // each keeps its scheduled time, so the stall is in their latencies.
         let now = 55 * MS;
         let late: Vec<Tick> = std::iter::from_fn(|| s.pop_due(now)).collect();
-        assert_eq!(late.iter().map(|t| t.index).collect::<Vec<_>>(), [1, 2, 3, 4, 5]);
+        assert_eq!(
+            late.iter().map(|t| t.index).collect::<Vec<_>>(),
+            [1, 2, 3, 4, 5]
+        );
         let answered = now + MS;
         let lat: Vec<u64> = late.iter().map(|t| t.latency_ns(answered) / MS).collect();
         assert_eq!(lat, [46, 36, 26, 16, 6]);

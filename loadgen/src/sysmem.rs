@@ -1,6 +1,7 @@
 //! Memory figures from /proc: a process's resident set (`VmRSS` of
-//! `/proc/PID/status`) and the kernel's TCP buffer memory (`mem` pages of the `TCP:`
-//! line of `/proc/net/sockstat`, for the whole network namespace).
+//! `/proc/PID/status`), the kernel's TCP buffer memory (`mem` pages of the `TCP:`
+//! line of `/proc/net/sockstat`, for the whole network namespace), and the kernel's
+//! slab memory (`Slab:` of `/proc/meminfo`, host-wide), where socket structures live.
 
 use std::io;
 
@@ -9,21 +10,32 @@ use std::io;
 pub struct MemSample {
     pub rss_bytes: u64,
     pub tcp_mem_bytes: u64,
+    pub slab_bytes: u64,
 }
 
 /// Samples `pid`'s RSS and the host's TCP memory.
 pub fn sample(pid: u32) -> io::Result<MemSample> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let rss_kib = parse_vmrss_kib(&status).ok_or_else(|| {
-        io::Error::new(io::ErrorKind::InvalidData, format!("no VmRSS in /proc/{pid}/status"))
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("no VmRSS in /proc/{pid}/status"),
+        )
     })?;
     let sockstat = std::fs::read_to_string("/proc/net/sockstat")?;
     let pages = parse_tcp_mem_pages(&sockstat).ok_or_else(|| {
-        io::Error::new(io::ErrorKind::InvalidData, "no TCP mem in /proc/net/sockstat")
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            "no TCP mem in /proc/net/sockstat",
+        )
     })?;
+    let meminfo = std::fs::read_to_string("/proc/meminfo")?;
+    let slab_kib = parse_kib_field(&meminfo, "Slab:")
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no Slab in /proc/meminfo"))?;
     Ok(MemSample {
         rss_bytes: rss_kib * 1024,
         tcp_mem_bytes: pages * page_size(),
+        slab_bytes: slab_kib * 1024,
     })
 }
 
@@ -47,8 +59,13 @@ pub fn page_size() -> u64 {
 
 /// `VmRSS:   123456 kB` → 123456.
 pub fn parse_vmrss_kib(status: &str) -> Option<u64> {
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let mut it = line["VmRSS:".len()..].split_whitespace();
+    parse_kib_field(status, "VmRSS:")
+}
+
+/// The value of a `Name:   123 kB` line.
+pub fn parse_kib_field(text: &str, name: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with(name))?;
+    let mut it = line[name.len()..].split_whitespace();
     let n = it.next()?.parse().ok()?;
     (it.next()? == "kB").then_some(n)
 }
@@ -70,7 +87,10 @@ mod tests {
         let status = "Name:\tflare\nVmPeak:\t  9999 kB\nVmRSS:\t   20480 kB\nThreads:\t3\n";
         assert_eq!(parse_vmrss_kib(status), Some(20480));
         assert_eq!(parse_vmrss_kib("Name: x\n"), None);
-        let sockstat = "sockets: used 120\nTCP: inuse 5 orphan 0 tw 2 alloc 7 mem 3\nUDP: inuse 1 mem 0\n";
+        let meminfo = "MemTotal:       24684000 kB\nSlab:             123456 kB\n";
+        assert_eq!(parse_kib_field(meminfo, "Slab:"), Some(123456));
+        let sockstat =
+            "sockets: used 120\nTCP: inuse 5 orphan 0 tw 2 alloc 7 mem 3\nUDP: inuse 1 mem 0\n";
         assert_eq!(parse_tcp_mem_pages(sockstat), Some(3));
         assert_eq!(parse_tcp_mem_pages("UDP: inuse 1 mem 0\n"), None);
     }
@@ -78,7 +98,7 @@ mod tests {
     #[test]
     fn samples_this_process() {
         let s = sample(std::process::id()).expect("/proc is readable");
-        assert!(s.rss_bytes > 0);
+        assert!(s.rss_bytes > 0 && s.slab_bytes > 0);
         assert!(self_rss_kib() > 0);
     }
 }

@@ -19,7 +19,10 @@ impl PreciseTimer {
     pub fn new() -> PreciseTimer {
         // SAFETY: timerfd_create takes no pointers; we own the returned fd.
         let fd = unsafe {
-            libc::timerfd_create(libc::CLOCK_MONOTONIC, libc::TFD_NONBLOCK | libc::TFD_CLOEXEC)
+            libc::timerfd_create(
+                libc::CLOCK_MONOTONIC,
+                libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+            )
         };
         if fd < 0 {
             return PreciseTimer { fd, waiter: None };
@@ -34,7 +37,10 @@ impl PreciseTimer {
                 fd,
                 waiter: Some(w),
             },
-            Err(_) => PreciseTimer { fd: -1, waiter: None },
+            Err(_) => PreciseTimer {
+                fd: -1,
+                waiter: None,
+            },
         }
     }
 
@@ -60,7 +66,12 @@ impl PreciseTimer {
         };
         // SAFETY: `spec` is a live local; the old value is not asked for.
         let rc = unsafe {
-            libc::timerfd_settime(self.fd, libc::TFD_TIMER_ABSTIME, &spec, std::ptr::null_mut())
+            libc::timerfd_settime(
+                self.fd,
+                libc::TFD_TIMER_ABSTIME,
+                &spec,
+                std::ptr::null_mut(),
+            )
         };
         if rc != 0 {
             monoio::time::sleep(Duration::from_nanos(deadline_ns - now)).await;

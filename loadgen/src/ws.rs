@@ -320,7 +320,8 @@ impl Decoder {
             Opcode::Ping => on_message(Message::Ping(payload)),
             Opcode::Pong => on_message(Message::Pong),
             Opcode::Close => {
-                let code = (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]));
+                let code =
+                    (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]));
                 on_message(Message::Close(code));
             }
             Opcode::Text | Opcode::Binary => {
@@ -414,7 +415,10 @@ mod tests {
             parse_handshake_response(&with_frame, key, "flare.v1.json"),
             Ok(Some(ok.len()))
         );
-        assert_eq!(parse_handshake_response(&ok.as_bytes()[..40], key, "flare.v1.json"), Ok(None));
+        assert_eq!(
+            parse_handshake_response(&ok.as_bytes()[..40], key, "flare.v1.json"),
+            Ok(None)
+        );
         assert_eq!(
             parse_handshake_response(ok.as_bytes(), key, "flare.v1.rkyv"),
             Err(HandshakeError::BadProtocol)
@@ -440,7 +444,10 @@ mod tests {
             assert_eq!(out[1] & 0x80, 0x80, "mask bit");
             let (hlen, plen) = match out[1] & 0x7f {
                 126 => (4, u16::from_be_bytes([out[2], out[3]]) as usize),
-                127 => (10, u64::from_be_bytes(out[2..10].try_into().unwrap()) as usize),
+                127 => (
+                    10,
+                    u64::from_be_bytes(out[2..10].try_into().unwrap()) as usize,
+                ),
                 n => (2, n as usize),
             };
             assert_eq!(plen, len);
@@ -481,15 +488,24 @@ mod tests {
     fn decoder_rejects_violations() {
         let mut masked = server_frame(true, 1, b"x");
         masked[1] |= 0x80;
-        assert_eq!(collect(&mut Decoder::new(), &masked), Err(FrameError::Masked));
+        assert_eq!(
+            collect(&mut Decoder::new(), &masked),
+            Err(FrameError::Masked)
+        );
         let rsv = {
             let mut f = server_frame(true, 1, b"x");
             f[0] |= 0x40;
             f
         };
-        assert_eq!(collect(&mut Decoder::new(), &rsv), Err(FrameError::Protocol));
+        assert_eq!(
+            collect(&mut Decoder::new(), &rsv),
+            Err(FrameError::Protocol)
+        );
         let stray = server_frame(true, 0, b"x");
-        assert_eq!(collect(&mut Decoder::new(), &stray), Err(FrameError::Protocol));
+        assert_eq!(
+            collect(&mut Decoder::new(), &stray),
+            Err(FrameError::Protocol)
+        );
         let big = [0x82u8, 127, 0xff, 0, 0, 0, 0, 0, 0, 0];
         assert_eq!(collect(&mut Decoder::new(), &big), Err(FrameError::TooBig));
     }

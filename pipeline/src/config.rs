@@ -17,6 +17,9 @@ pub struct PipelineConfig {
     pub dedup_window_ms: u64,
     /// Entries per catch-up page after `Open`/`CatchUp`.
     pub catchup_page: usize,
+    /// Body bytes of one catch-up or sync page (at least one entry is always sent),
+    /// so a page fits the gateway's outbound queue of one connection.
+    pub page_bytes_max: usize,
 }
 
 impl PipelineConfig {
@@ -29,6 +32,7 @@ impl PipelineConfig {
             retention_ms: 7 * 24 * 3600 * 1000,
             dedup_window_ms: 10 * 60 * 1000,
             catchup_page: 256,
+            page_bytes_max: 1 << 20,
         }
     }
 }

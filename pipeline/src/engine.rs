@@ -30,7 +30,10 @@ use crate::api::{
 use crate::config::PipelineConfig;
 use crate::ids::MsgIds;
 use crate::record::{Record, MAX_RECORD_BYTES};
-use crate::state::{MemState, State};
+use crate::state::{MemState, Page, State};
+
+/// What one entry costs on the wire beyond its body, for page budgets.
+const PAGE_ENTRY_OVERHEAD_BYTES: usize = 256;
 
 /// `from_device` of messages posted through the admin API.
 pub const ADMIN_DEVICE: &str = "admin";
@@ -115,6 +118,7 @@ pub struct Engine<S: State = MemState> {
     retention_ms: u64,
     dedup_window_ms: u64,
     catchup_page: usize,
+    page_bytes_max: usize,
     /// Where answers to admin requests go.
     admin: Endpoint,
     state: S,
@@ -158,6 +162,7 @@ impl<S: State> Engine<S> {
             retention_ms: cfg.retention_ms,
             dedup_window_ms: cfg.dedup_window_ms,
             catchup_page: cfg.catchup_page,
+            page_bytes_max: cfg.page_bytes_max,
             admin,
             state,
             ids: MsgIds::new(&cfg.node_id),
@@ -368,7 +373,7 @@ impl<S: State> Engine<S> {
                 head
             }
         };
-        let page = self.state.page(&user, after, self.catchup_page);
+        let page = self.bounded(self.state.page(&user, after, self.catchup_page));
         let caught_up = !page.more;
         self.online.entry(user.clone()).or_default().push(conn);
         self.sessions.insert(
@@ -410,7 +415,7 @@ impl<S: State> Engine<S> {
         let user = session.user.clone();
         self.expire_inbox(&user, now_ms);
         let after = after.min(self.state.head(&user));
-        let page = self.state.page(&user, after, self.catchup_page);
+        let page = self.bounded(self.state.page(&user, after, self.catchup_page));
         let caught_up = !page.more;
         if caught_up {
             self.sessions.get_mut(&conn).expect("looked up above").live = true;
@@ -423,6 +428,25 @@ impl<S: State> Engine<S> {
                 caught_up,
             },
         ));
+    }
+
+    /// Cuts a page at `page_bytes_max` bytes of bodies (keeping at least one entry),
+    /// so one page never overflows a connection's outbound queue.
+    fn bounded(&self, mut page: Page) -> Page {
+        let mut bytes = 0usize;
+        let keep = page
+            .entries
+            .iter()
+            .position(|e| {
+                bytes += e.msg.body.len() + PAGE_ENTRY_OVERHEAD_BYTES;
+                bytes > self.page_bytes_max
+            })
+            .map_or(page.entries.len(), |i| i.max(1));
+        if keep < page.entries.len() {
+            page.entries.truncate(keep);
+            page.more = true;
+        }
+        page
     }
 
     fn ack(&mut self, conn: ConnRef, seq: u64) {
@@ -443,7 +467,7 @@ impl<S: State> Engine<S> {
         let user = session.user.clone();
         self.expire_inbox(&user, now_ms);
         let truncated = after.saturating_add(1) < self.state.first_seq(&user);
-        let page = self.state.page(&user, after, limit as usize);
+        let page = self.bounded(self.state.page(&user, after, limit as usize));
         let last = page.entries.last().map_or(after, |e| e.seq);
         self.outputs.push_back((
             conn.endpoint,

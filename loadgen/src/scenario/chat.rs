@@ -109,7 +109,10 @@ impl Handler for Chat {
                     count(&mut st.msgs.bad_frames, "msg_from_a_stranger");
                 }
             }
-            Incoming::AuthOk { .. } | Incoming::Pong | Incoming::Goaway { .. } | Incoming::SyncDone => {}
+            Incoming::AuthOk { .. }
+            | Incoming::Pong
+            | Incoming::Goaway { .. }
+            | Incoming::SyncDone => {}
         }
     }
 
@@ -158,18 +161,25 @@ pub async fn run(w: Rc<Worker>, args: &ChatArgs) -> WorkerResult {
     let end = t0 + cfg.common.duration.as_nanos() as u64;
     if !pairs.is_empty() && args.pairs > 0 {
         let rate = args.rate * pairs.len() as f64 / args.pairs as f64;
-        send_loop(&w, &chat, &conns, args, cfg.common.encoding, OpenLoop::new(t0, rate, end)).await;
+        send_loop(
+            &w,
+            &chat,
+            &conns,
+            args,
+            cfg.common.encoding,
+            OpenLoop::new(t0, rate, end),
+        )
+        .await;
     }
     let run_end = mono_ns();
 
     // Drain: every sent message acknowledged or refused, every acknowledged one arrived.
     let deadline = run_end + cfg.common.drain_timeout.as_nanos() as u64;
-    while mono_ns() < deadline {
+    let settled = || {
         let st = chat.state.borrow();
-        if st.pending.is_empty() && st.delivery.outstanding() == 0 && st.echo.outstanding() == 0 {
-            break;
-        }
-        drop(st);
+        st.pending.is_empty() && st.delivery.outstanding() == 0 && st.echo.outstanding() == 0
+    };
+    while mono_ns() < deadline && !settled() {
         monoio::time::sleep(Duration::from_millis(2)).await;
     }
     {
@@ -234,7 +244,9 @@ async fn send_loop(
             let mut st = chat.state.borrow_mut();
             if ok {
                 st.msgs.sent += 1;
-                st.msgs.send_lag.record(mono_ns().saturating_sub(t.scheduled_ns));
+                st.msgs
+                    .send_lag
+                    .record(mono_ns().saturating_sub(t.scheduled_ns));
                 Progress::add(&progress.sent, 1);
             } else {
                 st.pending.remove(&(s, seq));

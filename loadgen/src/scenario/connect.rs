@@ -70,7 +70,13 @@ pub async fn run_churn(w: Rc<Worker>, args: &ChurnArgs) -> WorkerResult {
                 // and the source addresses are used round-robin over the whole run.
                 let global = t.index as usize * w.count + w.index;
                 let conn = Conn::new(global);
-                pool.spawn(&handler, &conn, &w.cfg.user("n", global), global, t.scheduled_ns);
+                pool.spawn(
+                    &handler,
+                    &conn,
+                    &w.cfg.user("n", global),
+                    global,
+                    t.scheduled_ns,
+                );
             }
         }
     }

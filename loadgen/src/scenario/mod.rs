@@ -5,6 +5,8 @@ mod chat;
 mod connect;
 mod fanout;
 
+pub use fanout::{group_name, member_ids};
+
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::time::Duration;
@@ -73,7 +75,10 @@ impl Pool {
         {
             let mut s = self.stats.borrow_mut();
             s.attempted += 1;
-            s.first_attempt_ns = Some(s.first_attempt_ns.map_or(scheduled_ns, |f| f.min(scheduled_ns)));
+            s.first_attempt_ns = Some(
+                s.first_attempt_ns
+                    .map_or(scheduled_ns, |f| f.min(scheduled_ns)),
+            );
         }
         Progress::add(&self.progress().attempted, 1);
         self.inflight.set(self.inflight.get() + 1);
@@ -240,7 +245,12 @@ impl Handler for Idle {
     }
 
     fn on_bad_frame(&self, _conn: &Rc<Conn>, reason: &'static str) {
-        *self.msgs.borrow_mut().bad_frames.entry(reason.into()).or_default() += 1;
+        *self
+            .msgs
+            .borrow_mut()
+            .bad_frames
+            .entry(reason.into())
+            .or_default() += 1;
     }
 
     fn on_closed(&self, _conn: &Rc<Conn>, dropped: Option<String>) {

@@ -1044,3 +1044,51 @@ fn the_admin_api_may_post_to_a_group_it_is_not_a_member_of() {
         "a non-member sender gets no group entry"
     );
 }
+
+#[test]
+fn pages_are_cut_at_the_byte_budget_but_never_empty() {
+    let mut c = cfg();
+    c.catchup_page = 100;
+    c.page_bytes_max = 600;
+    let mut s = Sim::new(c);
+    let (a, b) = (conn(0, 1), conn(1, 2));
+    s.open(a, "alice", "phone", None);
+    s.open(b, "bob", "phone", Some(0));
+    s.commit();
+    s.req(Request::Closed { conn: b });
+    for i in 0..5 {
+        s.send(a, &format!("m{i}"), user("bob"));
+    }
+    s.commit();
+    // Each entry counts its body plus 256 bytes: two fit in 600.
+    let (_, page, caught_up) = s.open(b, "bob", "phone", Some(0));
+    assert_eq!((page, caught_up), (vec![1, 2], false));
+    let out = s.req(Request::Sync {
+        conn: b,
+        after: 0,
+        limit: 1000,
+    });
+    let (entries, more) = out
+        .iter()
+        .find_map(|(_, ev)| match ev {
+            Event::SyncPage { entries, more, .. } => Some((seqs(entries), *more)),
+            _ => None,
+        })
+        .expect("a sync page");
+    assert_eq!((entries, more), (vec![1, 2], true));
+    let mut tiny = cfg();
+    tiny.page_bytes_max = 1;
+    let mut s = Sim::new(tiny);
+    s.open(a, "alice", "phone", None);
+    s.commit();
+    s.send(a, "x", user("alice"));
+    s.commit();
+    let out = s.req(Request::Sync {
+        conn: a,
+        after: 0,
+        limit: 10,
+    });
+    assert!(out
+        .iter()
+        .any(|(_, ev)| matches!(ev, Event::SyncPage { entries, .. } if entries.len() == 1)));
+}

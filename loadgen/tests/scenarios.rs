@@ -1,0 +1,308 @@
+//! Short real runs of every scenario against a real `flare serve`: they assert on
+//! correctness (every session up, counts exact, nothing lost or duplicated), never on
+//! speed. Counts are exact because schedules are open-loop: a run of D seconds at R
+//! per second has exactly R x D ticks, however slow the machine.
+
+mod common;
+
+use common::{loadgen, serial, Server, ADMIN_TOKEN, SECRET};
+
+#[test]
+fn connect_holds_every_session_and_measures_server_memory() {
+    let _g = serial();
+    let server = Server::start();
+    let pid = server.pid().to_string();
+    let url = server.url();
+    let run = loadgen(&[
+        "--url",
+        &url,
+        "--jwt-secret",
+        SECRET,
+        "--threads",
+        "2",
+        "connect",
+        "--conns",
+        "200",
+        "--ramp-rate",
+        "400",
+        "--duration",
+        "2s",
+        "--server-pid",
+        &pid,
+        "--settle",
+        "300ms",
+    ]);
+    let r = run.report(Some(&server));
+    assert_eq!(run.code, 0, "{}", run.describe());
+    assert!(r.passed);
+    let c = &r.connections;
+    assert_eq!(
+        (c.attempted, c.established, c.failed_total, c.dropped_total),
+        (200, 200, 0, 0),
+        "{}",
+        run.describe()
+    );
+    assert_eq!(c.connect_latency.count, 200);
+    assert_eq!(
+        r.totals.conns.closed, 200,
+        "every session closed cleanly at the end"
+    );
+    let m = r
+        .server_memory
+        .as_ref()
+        .expect("--server-pid gives a memory report");
+    assert_eq!(m.connections, 200);
+    assert_eq!(m.server_pid, server.pid());
+    assert!(m.rss_before_bytes > 0 && m.rss_after_bytes > 0);
+    assert!(run.stdout.contains("server memory"), "{}", run.stdout);
+}
+
+#[test]
+fn chat_json_delivers_every_acked_message_exactly_once_in_order() {
+    let _g = serial();
+    let server = Server::start();
+    let url = server.url();
+    let run = loadgen(&[
+        "--url",
+        &url,
+        "--jwt-secret",
+        SECRET,
+        "--threads",
+        "2",
+        "chat",
+        "--pairs",
+        "4",
+        "--rate",
+        "200",
+        "--duration",
+        "2s",
+    ]);
+    let r = run.report(Some(&server));
+    assert_eq!(run.code, 0, "{}\nserver:\n{}", run.describe(), server.log());
+    let m = r.messages.as_ref().expect("chat reports messages");
+    assert_eq!(m.scheduled, 400, "200/s for 2 s");
+    assert_eq!(
+        (m.sent, m.acked, m.errors_total, m.unacked),
+        (400, 400, 0, 0)
+    );
+    assert_eq!(m.deliveries_unique, 400);
+    assert_eq!(m.e2e_latency.count, 400);
+    assert_eq!(m.send_ok_latency.count, 400);
+    let i = r.integrity.as_ref().expect("chat checks integrity");
+    assert_eq!(i.violations, 0, "{i:?}");
+    assert_eq!((i.delivery.acked, i.delivery.received), (400, 400));
+    assert_eq!(
+        (i.echo.acked, i.echo.received),
+        (400, 400),
+        "the sender's own copies"
+    );
+    assert_eq!(r.connections.established, 8);
+}
+
+#[test]
+fn chat_rkyv_over_two_worker_processes_merges_exactly() {
+    let _g = serial();
+    let server = Server::start();
+    let url = server.url();
+    let run = loadgen(&[
+        "--url",
+        &url,
+        "--jwt-secret",
+        SECRET,
+        "--encoding",
+        "rkyv",
+        "--processes",
+        "2",
+        "--threads",
+        "1",
+        "chat",
+        "--pairs",
+        "4",
+        "--rate",
+        "200",
+        "--duration",
+        "2s",
+    ]);
+    let r = run.report(Some(&server));
+    assert_eq!(run.code, 0, "{}\nserver:\n{}", run.describe(), server.log());
+    assert_eq!(
+        (r.processes, r.threads_per_process, r.encoding.as_str()),
+        (2, 1, "rkyv")
+    );
+    assert_eq!(r.totals.workers, 2, "one result per worker process, merged");
+    let m = r.messages.as_ref().expect("messages");
+    assert_eq!((m.scheduled, m.acked, m.deliveries_unique), (400, 400, 400));
+    // The merged histogram holds every sample of both processes.
+    assert_eq!(m.e2e_latency.count, 400);
+    assert_eq!(r.integrity.as_ref().unwrap().violations, 0);
+    assert_eq!(r.connections.established, 8);
+}
+
+#[test]
+fn fanout_delivers_every_message_to_every_member() {
+    let _g = serial();
+    let server = Server::start();
+    let url = server.url();
+    let admin = server.admin_url();
+    let run = loadgen(&[
+        "--url",
+        &url,
+        "--jwt-secret",
+        SECRET,
+        "--threads",
+        "2",
+        "fanout",
+        "--admin",
+        &admin,
+        "--admin-token",
+        ADMIN_TOKEN,
+        "--members",
+        "20",
+        "--publishers",
+        "2",
+        "--rate",
+        "20",
+        "--duration",
+        "2s",
+    ]);
+    let r = run.report(Some(&server));
+    assert_eq!(run.code, 0, "{}\nserver:\n{}", run.describe(), server.log());
+    let m = r.messages.as_ref().expect("messages");
+    assert_eq!((m.scheduled, m.acked, m.errors_total), (40, 40, 0));
+    assert_eq!(m.deliveries_expected, 800, "40 messages x 20 members");
+    assert_eq!(m.deliveries_unique, 800);
+    assert_eq!(m.e2e_latency.count, 800);
+    let i = r.integrity.as_ref().unwrap();
+    assert_eq!((i.missing_deliveries, i.violations), (0, 0), "{i:?}");
+}
+
+#[test]
+fn fanout_without_admin_token_is_a_usage_error() {
+    let _g = serial();
+    let run = loadgen(&[
+        "--url",
+        "ws://127.0.0.1:9/ws",
+        "--jwt-secret",
+        SECRET,
+        "fanout",
+        "--members",
+        "2",
+    ]);
+    assert_eq!(run.code, 2, "{}", run.describe());
+    assert!(run.stderr.contains("--admin-token"), "{}", run.describe());
+}
+
+#[test]
+fn churn_opens_and_closes_at_a_fixed_rate() {
+    let _g = serial();
+    let server = Server::start();
+    let url = server.url();
+    let run = loadgen(&[
+        "--url",
+        &url,
+        "--jwt-secret",
+        SECRET,
+        "--threads",
+        "2",
+        "churn",
+        "--rate",
+        "50",
+        "--lifetime",
+        "200ms",
+        "--duration",
+        "2s",
+    ]);
+    let r = run.report(Some(&server));
+    assert_eq!(run.code, 0, "{}\nserver:\n{}", run.describe(), server.log());
+    let c = &r.connections;
+    assert_eq!(
+        (c.attempted, c.established, c.failed_total, c.dropped_total),
+        (100, 100, 0, 0)
+    );
+    assert_eq!(
+        r.totals.conns.closed, 100,
+        "each closed itself after its lifetime"
+    );
+}
+
+#[test]
+fn bad_secret_fails_every_session_with_its_reason() {
+    let _g = serial();
+    let server = Server::start();
+    let url = server.url();
+    let run = loadgen(&[
+        "--url",
+        &url,
+        "--jwt-secret",
+        "not-the-secret",
+        "connect",
+        "--conns",
+        "20",
+        "--duration",
+        "1s",
+    ]);
+    let r = run.report(Some(&server));
+    assert_eq!(run.code, 1, "{}", run.describe());
+    assert!(!r.passed);
+    assert_eq!(r.connections.established, 0);
+    assert_eq!(
+        r.connections.failed.get("auth:auth_failed"),
+        Some(&20),
+        "{:?}",
+        r.connections.failed
+    );
+}
+
+#[test]
+fn refused_connections_are_counted_and_tolerated_up_to_max_error_rate() {
+    let _g = serial();
+    // A port that was just free: nobody listens.
+    let addr = common::free_port();
+    let url = format!("ws://{addr}/ws");
+    let run = loadgen(&[
+        "--url",
+        &url,
+        "--jwt-secret",
+        SECRET,
+        "connect",
+        "--conns",
+        "10",
+        "--duration",
+        "1s",
+    ]);
+    let r = run.report(None);
+    assert_eq!(run.code, 1, "{}", run.describe());
+    assert_eq!(
+        r.connections.failed.get("refused"),
+        Some(&10),
+        "{:?}",
+        r.connections.failed
+    );
+    assert_eq!(r.error_rate, 1.0);
+    let run = loadgen(&[
+        "--url",
+        &url,
+        "--jwt-secret",
+        SECRET,
+        "--max-error-rate",
+        "1",
+        "connect",
+        "--conns",
+        "10",
+        "--duration",
+        "1s",
+    ]);
+    assert_eq!(
+        run.code,
+        0,
+        "an error rate at the threshold passes: {}",
+        run.describe()
+    );
+}
+
+#[test]
+fn missing_secret_is_a_usage_error() {
+    let run = loadgen(&["connect", "--conns", "1"]);
+    assert_eq!(run.code, 2, "{}", run.describe());
+    assert!(run.stderr.contains("--jwt-secret"), "{}", run.describe());
+}
