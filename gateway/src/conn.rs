@@ -150,7 +150,11 @@ impl Conn {
 
     async fn run(&self, shard: &Shard, stream: &monoio::net::TcpStream) -> io::Result<()> {
         loop {
-            self.flush(shard, stream).await?;
+            if !self.write_some(shard)? {
+                // The peer is not reading: wait for it in a boxed future, so an idle
+                // connection's task holds only the readiness wait below.
+                Box::pin(self.flush(shard, stream)).await?;
+            }
             let catch_up = self.st.borrow_mut().catch_up_after.take();
             if let Some(after) = catch_up {
                 shard.to_pipeline(Request::CatchUp {
@@ -160,7 +164,9 @@ impl Conn {
             }
             let close = self.st.borrow().close;
             if let Some(close) = close {
-                self.finish(shard, stream, close).await;
+                // Boxed: the closing path's state would otherwise sit in every idle
+                // connection's task (DESIGN.md §6).
+                Box::pin(self.finish(shard, stream, close)).await;
                 return Ok(());
             }
             monoio::select! {

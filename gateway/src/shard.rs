@@ -365,7 +365,9 @@ async fn accept_loop(shard: &Rc<Shard>, listener: &monoio::net::TcpListener) {
                     continue;
                 }
                 let _ = stream.set_nodelay(true);
-                monoio::spawn(conn::serve(shard.clone(), stream));
+                let task = conn::serve(shard.clone(), stream);
+                tracing::trace!(bytes = std::mem::size_of_val(&task), "connection task");
+                monoio::spawn(task);
             }
             Err(e) => {
                 ShardMetrics::inc(&shard.metrics.accept_errors);
