@@ -27,7 +27,8 @@ Examples:
   flare-loadgen --jwt-secret S connect --conns 10000 --ramp-rate 2000 --duration 30s --server-pid PID
   flare-loadgen --jwt-secret S chat --pairs 50 --rate 2000 --duration 30s
   flare-loadgen --jwt-secret S fanout --admin-token T --members 1000 --publishers 2 --rate 100 --duration 20s
-  flare-loadgen --jwt-secret S churn --rate 500 --lifetime 1s --duration 30s";
+  flare-loadgen --jwt-secret S churn --rate 500 --lifetime 1s --duration 30s
+  flare-loadgen --target raw-ws --url ws://127.0.0.1:8081/ws fanout --members 1000 --rate 100";
 
 /// Load generator for Flare: many authenticated WebSocket sessions, open-loop message
 /// rates, HdrHistogram latencies, and a loss / duplicate / order check.
@@ -40,12 +41,25 @@ pub struct Cli {
     pub scenario: Scenario,
 }
 
+/// What kind of server the run drives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TargetKind {
+    /// Flare: authenticated sessions of PROTOCOL.md (auth, send, send_ok, msg).
+    Flare,
+    /// A plain WebSocket broadcast server: rooms by URL path, every text message goes
+    /// to every connection of its room, no auth, no acknowledgement (see `bench/peers`).
+    RawWs,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct Common {
-    /// The gateway's WebSocket URL.
+    /// The gateway's WebSocket URL (raw-ws: rooms are paths below it).
     #[arg(long, global = true, default_value = "ws://127.0.0.1:8080/ws")]
     pub url: String,
-    /// Frame encoding of every session.
+    /// The server's protocol: Flare's, or raw-ws rooms for servers that do not speak it.
+    #[arg(long, global = true, value_enum, default_value = "flare")]
+    pub target: TargetKind,
+    /// Frame encoding of every session (Flare only; raw-ws messages are text).
     #[arg(long, global = true, value_enum, default_value = "json")]
     pub encoding: Encoding,
     /// The gateway's HS256 secret; tokens are minted with it.
@@ -77,11 +91,12 @@ pub struct Common {
     /// Longest wait, after the run, for outstanding acks and deliveries.
     #[arg(long, global = true, default_value = "10s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
-    /// Pid of the server: its RSS (VmRSS), the host's kernel TCP buffer memory and
-    /// kernel slab memory are sampled before connecting and once every session is up
-    /// (after --settle), and reported per connection.
-    #[arg(long, global = true)]
-    pub server_pid: Option<u32>,
+    /// Pid of the server, or a comma-separated list whose RSS is summed (e.g. nginx's
+    /// workers): its RSS (VmRSS), the host's kernel TCP buffer memory and kernel slab
+    /// memory are sampled before connecting and once every session is up (after
+    /// --settle), and reported per connection.
+    #[arg(long, global = true, value_delimiter = ',', value_name = "PID")]
+    pub server_pid: Vec<u32>,
     /// Pause between "every session is up" and the memory sample.
     #[arg(long, global = true, default_value = "2s", value_parser = parse_duration)]
     pub settle: Duration,
@@ -270,6 +285,24 @@ mod tests {
         assert!(parse_ws_url("ws:///ws").is_err());
         let (a, h) = parse_http_base("http://127.0.0.1:9090/").unwrap();
         assert_eq!((a.port(), h.as_str()), (9090, "127.0.0.1:9090"));
+    }
+
+    #[test]
+    fn raw_ws_target_and_several_server_pids_parse() {
+        let c = Cli::try_parse_from([
+            "flare-loadgen",
+            "connect",
+            "--target",
+            "raw-ws",
+            "--server-pid",
+            "10,11",
+        ])
+        .unwrap();
+        assert_eq!(c.common.target, TargetKind::RawWs);
+        assert_eq!(c.common.server_pid, vec![10, 11]);
+        let c = Cli::try_parse_from(["flare-loadgen", "connect"]).unwrap();
+        assert_eq!(c.common.target, TargetKind::Flare);
+        assert!(c.common.server_pid.is_empty());
     }
 
     #[test]

@@ -22,9 +22,10 @@ use std::time::Duration;
 use monoio::net::TcpStream;
 use socket2::{Domain, Protocol, Socket, Type};
 
+use crate::cli::TargetKind;
 use crate::clock::mono_ns;
-use crate::proto::{self, Encoding, Incoming, Outgoing};
-use crate::ws;
+use crate::proto::{self, BadServerFrame, Encoding, Incoming, Outgoing};
+use crate::{raw, ws};
 
 /// Bytes of the worker thread's read buffer.
 const READ_BUF_BYTES: usize = 64 * 1024;
@@ -178,6 +179,20 @@ impl Conn {
         })
     }
 
+    /// Sends one text message as it is (raw-ws rooms). False when the connection
+    /// cannot send any more.
+    pub fn send_text(&self, text: &str) -> bool {
+        if self.broken.get() || self.fd.get() < 0 {
+            return false;
+        }
+        SCRATCH.with(|s| {
+            let (_, framed) = &mut *s.borrow_mut();
+            framed.clear();
+            ws::encode_frame(ws::Opcode::Text, text.as_bytes(), mask(), framed);
+            self.send_bytes(framed)
+        })
+    }
+
     /// Sends a protocol `ping` if nothing was sent for half the heartbeat interval.
     pub fn ping_if_idle(&self, enc: Encoding, now_ns: u64) {
         let hb = self.heartbeat_ms.get();
@@ -308,12 +323,32 @@ pub fn io_reason(e: &io::Error) -> String {
 /// Where and how connections connect.
 #[derive(Debug, Clone)]
 pub struct Target {
+    pub kind: TargetKind,
     pub addr: SocketAddr,
     /// The `Host` header.
     pub host: String,
     pub path: String,
     pub encoding: Encoding,
     pub connect_timeout: Duration,
+}
+
+impl Target {
+    /// Reads one server message in this target's protocol.
+    fn decode<'a>(&self, is_text: bool, bytes: &'a [u8]) -> Result<Incoming<'a>, BadServerFrame> {
+        match self.kind {
+            TargetKind::Flare => proto::decode(self.encoding, is_text, bytes),
+            TargetKind::RawWs => raw::decode(is_text, bytes),
+        }
+    }
+}
+
+/// How a connection opens its session once the WebSocket is up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Login {
+    /// Flare: `auth` with this token, then wait for `auth_ok`.
+    Token(String),
+    /// raw-ws: the room to join, a path below the URL's; open once upgraded.
+    Room(String),
 }
 
 /// What a connection's owner hears from it.
@@ -340,15 +375,15 @@ enum Step {
     Auth,
 }
 
-/// Runs one connection to its end: connect from `source` (if any), handshake, `auth`
-/// with `token`, then the session until it closes. `started_ns` is when the attempt
-/// was scheduled (latency counts from it).
+/// Runs one connection to its end: connect from `source` (if any), handshake, log in
+/// (`auth`, or a raw-ws room), then the session until it closes. `started_ns` is when
+/// the attempt was scheduled (latency counts from it).
 pub async fn drive<H: Handler>(
     conn: Rc<Conn>,
     handler: Rc<H>,
     target: Rc<Target>,
     source: Option<IpAddr>,
-    token: String,
+    login: Login,
     started_ns: u64,
 ) {
     let step = Cell::new(Step::Connect);
@@ -356,11 +391,11 @@ pub async fn drive<H: Handler>(
     // it is freed once the session is open instead of sizing every idle connection.
     let setup = Box::pin(monoio::time::timeout(
         target.connect_timeout,
-        establish(&conn, &target, source, &token, &step),
+        establish(&conn, &target, source, &login, &step),
     ))
     .await;
-    drop(token);
-    let (stream, head_seq) = match setup {
+    drop(login);
+    let (stream, head_seq, leftover) = match setup {
         Ok(Ok(v)) => v,
         Ok(Err(reason)) => {
             conn.end();
@@ -380,19 +415,21 @@ pub async fn drive<H: Handler>(
     };
     conn.state.set(State::Open);
     handler.on_open(&conn, head_seq, started_ns, mono_ns());
-    let dropped = session(&conn, &*handler, &target, &stream).await;
+    let dropped = session(&conn, &*handler, &target, &stream, leftover).await;
     conn.end();
     drop(stream);
     handler.on_closed(&conn, dropped);
 }
 
+/// Connects, upgrades and logs in. Returns the stream, the inbox head (0 for raw-ws)
+/// and the bytes read past the login, which belong to the session.
 async fn establish(
     conn: &Rc<Conn>,
     target: &Target,
     source: Option<IpAddr>,
-    token: &str,
+    login: &Login,
     step: &Cell<Step>,
-) -> Result<(TcpStream, u64), String> {
+) -> Result<(TcpStream, u64, Vec<u8>), String> {
     let stream = connect(target.addr, source)
         .await
         .map_err(|e| io_reason(&e))?;
@@ -405,8 +442,15 @@ async fn establish(
         k[8..].copy_from_slice(&rand_u64().to_ne_bytes());
         k
     });
-    let protocol = target.encoding.subprotocol();
-    let request = ws::handshake_request(&target.host, &target.path, &key, protocol);
+    let (path, protocol, token) = match login {
+        Login::Token(token) => (
+            target.path.clone(),
+            Some(target.encoding.subprotocol()),
+            token,
+        ),
+        Login::Room(room) => (raw::room_path(&target.path, room), None, room),
+    };
+    let request = ws::handshake_request(&target.host, &path, &key, protocol);
     if !conn.send_bytes(&request) {
         return Err("handshake_send_failed".into());
     }
@@ -437,6 +481,9 @@ async fn establish(
         }
     };
     drop(head);
+    if target.kind == TargetKind::RawWs {
+        return Ok((stream, 0, leftover));
+    }
 
     step.set(Step::Auth);
     let enc = target.encoding;
@@ -484,7 +531,9 @@ async fn establish(
     }
     loop {
         if let Some(done) = outcome {
-            return done.map(|head_seq| (stream, head_seq));
+            // A frame in the same read after `auth_ok` was passed over above; none is
+            // due then: sessions start at the inbox head, before the run sends.
+            return done.map(|head_seq| (stream, head_seq, Vec::new()));
         }
         wait_io(conn, &stream).await.map_err(|e| io_reason(&e))?;
         let mut frame_error = None;
@@ -624,39 +673,53 @@ enum Read {
     Failed(String),
 }
 
+/// Decodes `bytes` of the session and hands each frame to the handler. Err: the
+/// server broke RFC 6455, as a reason.
+fn feed_frames<H: Handler>(
+    conn: &Rc<Conn>,
+    handler: &H,
+    target: &Target,
+    ending: &mut Ending,
+    bytes: &[u8],
+) -> Result<(), &'static str> {
+    let r = conn.dec.borrow_mut().feed(bytes, |m| match m {
+        ws::Message::Text(p) | ws::Message::Binary(p) => {
+            let text = matches!(m, ws::Message::Text(_));
+            match target.decode(text, p) {
+                Ok(Incoming::Goaway { reason }) => {
+                    ending.goaway = Some(format!("goaway:{reason}"));
+                }
+                Ok(f) => handler.on_frame(conn, f, mono_ns()),
+                Err(e) => handler.on_bad_frame(conn, e.0),
+            }
+        }
+        ws::Message::Ping(p) => pong(conn, p),
+        ws::Message::Pong => {}
+        ws::Message::Close(code) => {
+            if ending.server_close.is_none() {
+                ending.server_close = Some(code);
+            }
+        }
+    });
+    r.map_err(|e| e.reason())
+}
+
 /// Reads what the socket has and hands each frame to the handler.
 fn read_frames<H: Handler>(
     conn: &Rc<Conn>,
     handler: &H,
-    enc: Encoding,
+    target: &Target,
     ending: &mut Ending,
 ) -> Read {
     let mut violation: Option<String> = None;
     let read = read_available(conn.fd.get(), |bytes| {
-        let r = conn.dec.borrow_mut().feed(bytes, |m| match m {
-            ws::Message::Text(p) | ws::Message::Binary(p) => {
-                let text = matches!(m, ws::Message::Text(_));
-                match proto::decode(enc, text, p) {
-                    Ok(Incoming::Goaway { reason }) => {
-                        ending.goaway = Some(format!("goaway:{reason}"));
-                    }
-                    Ok(f) => handler.on_frame(conn, f, mono_ns()),
-                    Err(e) => handler.on_bad_frame(conn, e.0),
-                }
+        match feed_frames(conn, handler, target, ending, bytes) {
+            Ok(()) => true,
+            Err(why) => {
+                violation = Some(why.into());
+                false
             }
-            ws::Message::Ping(p) => pong(conn, p),
-            ws::Message::Pong => {}
-            ws::Message::Close(code) => {
-                if ending.server_close.is_none() {
-                    ending.server_close = Some(code);
-                }
-            }
-        });
-        if let Err(e) = r {
-            violation = Some(e.reason().into());
-            return false;
         }
-        true
     });
     match (violation, read) {
         (Some(v), _) => Read::Failed(v),
@@ -674,12 +737,24 @@ async fn session<H: Handler>(
     handler: &H,
     target: &Target,
     stream: &TcpStream,
+    leftover: Vec<u8>,
 ) -> Option<String> {
-    let enc = target.encoding;
     let mut ending = Ending::default();
+    if let Err(why) = feed_frames(conn, handler, target, &mut ending, &leftover) {
+        return Some(ending.reason(why.into()));
+    }
+    drop(leftover);
     loop {
+        if let Some(code) = ending.server_close {
+            // Answer the server's close: the server ended the session.
+            let mut frame = Vec::with_capacity(8);
+            ws::encode_close(code.unwrap_or(CLOSE_NORMAL), mask(), &mut frame);
+            conn.send_bytes(&frame);
+            let _ = conn.flush();
+            return Some(ending.reason(String::new()));
+        }
         if conn.closing.get() {
-            Box::pin(close_handshake(conn, handler, enc, stream, ending)).await;
+            Box::pin(close_handshake(conn, handler, target, stream, ending)).await;
             return None;
         }
         if conn.broken.get() {
@@ -694,18 +769,10 @@ async fn session<H: Handler>(
                 if let Err(e) = r {
                     return Some(io_reason(&e));
                 }
-                match read_frames(conn, handler, enc, &mut ending) {
+                match read_frames(conn, handler, target, &mut ending) {
                     Read::Open => {}
                     Read::Eof => return Some(ending.reason("eof".into())),
                     Read::Failed(why) => return Some(ending.reason(why)),
-                }
-                if let Some(code) = ending.server_close {
-                    // Answer the server's close: the server ended the session.
-                    let mut frame = Vec::with_capacity(8);
-                    ws::encode_close(code.unwrap_or(CLOSE_NORMAL), mask(), &mut frame);
-                    conn.send_bytes(&frame);
-                    let _ = conn.flush();
-                    return Some(ending.reason(String::new()));
                 }
             }
             r = stream.writable(false), if want_write => {
@@ -723,7 +790,7 @@ async fn session<H: Handler>(
 async fn close_handshake<H: Handler>(
     conn: &Rc<Conn>,
     handler: &H,
-    enc: Encoding,
+    target: &Target,
     stream: &TcpStream,
     mut ending: Ending,
 ) {
@@ -747,7 +814,7 @@ async fn close_handshake<H: Handler>(
                     if r.is_err() {
                         return;
                     }
-                    match read_frames(conn, handler, enc, &mut ending) {
+                    match read_frames(conn, handler, target, &mut ending) {
                         Read::Open => {}
                         Read::Eof | Read::Failed(_) => return,
                     }
@@ -784,13 +851,21 @@ mod tests {
     #[test]
     fn an_idle_connection_stays_small() {
         let target = Rc::new(Target {
+            kind: TargetKind::Flare,
             addr: "127.0.0.1:9".parse().expect("addr"),
             host: "h".into(),
             path: "/".into(),
             encoding: Encoding::Json,
             connect_timeout: Duration::from_secs(1),
         });
-        let task = drive(Conn::new(0), Rc::new(Quiet), target, None, String::new(), 0);
+        let task = drive(
+            Conn::new(0),
+            Rc::new(Quiet),
+            target,
+            None,
+            Login::Token(String::new()),
+            0,
+        );
         let task_bytes = std::mem::size_of_val(&task);
         let conn_bytes = std::mem::size_of::<Conn>();
         assert!(

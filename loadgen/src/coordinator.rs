@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::cli::{Cli, Scenario};
+use crate::cli::{Cli, Scenario, TargetKind};
 use crate::clock::{mono_ns, unix_secs};
 use crate::conn::Target;
 use crate::report::{MemReport, Report, ReportInput};
@@ -73,10 +73,17 @@ fn valid_id_part(s: &str) -> bool {
 pub fn config(cli: &Cli) -> Result<RunConfig, String> {
     let c = &cli.common;
     let url = cli::parse_ws_url(&c.url)?;
-    let secret = c
-        .jwt_secret
-        .clone()
-        .ok_or("--jwt-secret (or FLARE_JWT_SECRET) is required: tokens are minted with the gateway's secret")?;
+    let secret = match c.target {
+        TargetKind::Flare => c.jwt_secret.clone().ok_or(
+            "--jwt-secret (or FLARE_JWT_SECRET) is required: tokens are minted with the gateway's secret",
+        )?,
+        TargetKind::RawWs => {
+            if c.encoding != crate::proto::Encoding::Json {
+                return Err("--encoding applies to --target flare only: raw-ws messages are text".into());
+            }
+            String::new()
+        }
+    };
     if c.processes == 0 {
         return Err("--processes must be at least 1".into());
     }
@@ -124,6 +131,7 @@ pub fn config(cli: &Cli) -> Result<RunConfig, String> {
         common: c.clone(),
         scenario: cli.scenario.clone(),
         target: Target {
+            kind: c.target,
             addr: url.addr,
             host: url.host,
             path: url.path,
@@ -195,6 +203,11 @@ fn coordinate(cfg: Arc<RunConfig>) -> Result<Report, String> {
     let mut deliveries_per_ack = 1;
     let mut target_rate = None;
     match &cfg.scenario {
+        Scenario::Fanout(a) if c.target == TargetKind::RawWs => {
+            // The room is the group: nothing to create.
+            deliveries_per_ack = a.members as u64;
+            target_rate = Some(a.rate);
+        }
         Scenario::Fanout(a) => {
             let token = a
                 .admin_token
@@ -211,20 +224,25 @@ fn coordinate(cfg: Arc<RunConfig>) -> Result<Report, String> {
         Scenario::Connect(_) | Scenario::Churn(_) => {}
     }
     // Churn holds no set of sessions to weigh: its memory figure would mean nothing.
-    let server_pid = c
-        .server_pid
-        .filter(|_| !matches!(cfg.scenario, Scenario::Churn(_)));
-    if c.server_pid.is_some() && server_pid.is_none() {
-        eprintln!("flare-loadgen: --server-pid is ignored by churn (it holds no set of sessions)");
-    }
-    let mem_before = match server_pid {
-        Some(pid) => Some(sysmem::sample(pid).map_err(|e| format!("--server-pid {pid}: {e}"))?),
-        None => None,
+    let server_pids: &[u32] = if matches!(cfg.scenario, Scenario::Churn(_)) {
+        if !c.server_pid.is_empty() {
+            eprintln!(
+                "flare-loadgen: --server-pid is ignored by churn (it holds no set of sessions)"
+            );
+        }
+        &[]
+    } else {
+        &c.server_pid
+    };
+    let mem_before = if server_pids.is_empty() {
+        None
+    } else {
+        Some(sysmem::sample(server_pids).map_err(|e| format!("--server-pid: {e}"))?)
     };
     let workers = cfg.workers() as u64;
     let mut line = ProgressLine::new(c.quiet);
     let mut fleet = Fleet::start(cfg.clone())?;
-    let result = phases(&cfg, server_pid, &mut fleet, &mut line, workers);
+    let result = phases(&cfg, server_pids, &mut fleet, &mut line, workers);
     line.clear();
     let mem_after = match result {
         Ok(m) => m,
@@ -234,9 +252,9 @@ fn coordinate(cfg: Arc<RunConfig>) -> Result<Report, String> {
         }
     };
     let totals = fleet.finish()?;
-    let memory = match (server_pid, mem_before, mem_after) {
-        (Some(pid), Some(b), Some(a)) => Some(MemReport::new(
-            pid,
+    let memory = match (mem_before, mem_after) {
+        (Some(b), Some(a)) => Some(MemReport::new(
+            server_pids,
             b,
             a,
             totals.conns.established,
@@ -254,7 +272,10 @@ fn coordinate(cfg: Arc<RunConfig>) -> Result<Report, String> {
             scenario: cfg.scenario.name().into(),
             run_id: cfg.run_id.clone(),
             url: c.url.clone(),
-            encoding: c.encoding.as_str().into(),
+            encoding: match c.target {
+                TargetKind::Flare => c.encoding.as_str().into(),
+                TargetKind::RawWs => "raw-ws".into(),
+            },
             driver: driver.into(),
             processes: cfg.processes,
             threads_per_process: cfg.threads,
@@ -272,7 +293,7 @@ fn coordinate(cfg: Arc<RunConfig>) -> Result<Report, String> {
 /// session was up (with --server-pid).
 fn phases(
     cfg: &RunConfig,
-    server_pid: Option<u32>,
+    server_pids: &[u32],
     fleet: &mut Fleet,
     line: &mut ProgressLine,
     workers: u64,
@@ -286,17 +307,16 @@ fn phases(
         }
         std::thread::sleep(TICK);
     }
-    let mem_after = match server_pid {
-        Some(pid) => {
-            let until = mono_ns() + c.settle.as_nanos() as u64;
-            while mono_ns() < until {
-                let s = fleet.snapshot()?;
-                line.show("settling", &s);
-                std::thread::sleep(TICK);
-            }
-            Some(sysmem::sample(pid).map_err(|e| format!("--server-pid {pid}: {e}"))?)
+    let mem_after = if server_pids.is_empty() {
+        None
+    } else {
+        let until = mono_ns() + c.settle.as_nanos() as u64;
+        while mono_ns() < until {
+            let s = fleet.snapshot()?;
+            line.show("settling", &s);
+            std::thread::sleep(TICK);
         }
-        None => None,
+        Some(sysmem::sample(server_pids).map_err(|e| format!("--server-pid: {e}"))?)
     };
     let t0 = mono_ns() + GO_LEAD_NS;
     fleet.go(t0);

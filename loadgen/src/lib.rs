@@ -18,7 +18,9 @@
 //! connection), `chat` (pairs at a fixed rate: latency, throughput, integrity),
 //! `fanout` (a group, publishers at a fixed rate: deliveries per second and their
 //! latency), `churn` (sessions that come and go). [`report`] builds the summary
-//! and the JSON file.
+//! and the JSON file. With `--target raw-ws` the same scenarios drive plain WebSocket
+//! broadcast servers that do not speak Flare's protocol ([`raw`]): the peers that
+//! `bench/compare` measures Flare against.
 
 pub mod admin;
 pub mod check;
@@ -28,6 +30,7 @@ pub mod conn;
 pub mod coordinator;
 pub mod hist;
 pub mod proto;
+pub mod raw;
 pub mod report;
 pub mod runner;
 pub mod scenario;

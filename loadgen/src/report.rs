@@ -158,7 +158,8 @@ impl WorkerResult {
 /// The server's memory before and after the sessions were opened.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MemReport {
-    pub server_pid: u32,
+    /// The server's processes; their RSS is summed.
+    pub server_pids: Vec<u32>,
     pub connections: u64,
     pub rss_before_bytes: u64,
     pub rss_after_bytes: u64,
@@ -182,7 +183,7 @@ pub struct MemReport {
 
 impl MemReport {
     pub fn new(
-        pid: u32,
+        pids: &[u32],
         before: MemSample,
         after: MemSample,
         conns: u64,
@@ -196,7 +197,7 @@ impl MemReport {
             }
         };
         MemReport {
-            server_pid: pid,
+            server_pids: pids.to_vec(),
             connections: conns,
             rss_before_bytes: before.rss_bytes,
             rss_after_bytes: after.rss_bytes,
@@ -472,7 +473,11 @@ impl Report {
             let _ = writeln!(
                 w,
                 "server memory (pid {}, {} connections): RSS {} -> {} = {:.0} B/conn; kernel TCP buffers (host, both ends) {} -> {} = {:.0} B/conn",
-                m.server_pid,
+                m.server_pids
+                    .iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join("+"),
                 m.connections,
                 bytes(m.rss_before_bytes),
                 bytes(m.rss_after_bytes),

@@ -13,15 +13,20 @@ pub struct MemSample {
     pub slab_bytes: u64,
 }
 
-/// Samples `pid`'s RSS and the host's TCP memory.
-pub fn sample(pid: u32) -> io::Result<MemSample> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let rss_kib = parse_vmrss_kib(&status).ok_or_else(|| {
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("no VmRSS in /proc/{pid}/status"),
-        )
-    })?;
+/// Samples the summed RSS of `pids` (a server of several processes, like nginx's
+/// workers) and the host's kernel memory.
+pub fn sample(pids: &[u32]) -> io::Result<MemSample> {
+    let mut rss_kib = 0;
+    for pid in pids {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .map_err(|e| io::Error::new(e.kind(), format!("pid {pid}: {e}")))?;
+        rss_kib += parse_vmrss_kib(&status).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("no VmRSS in /proc/{pid}/status"),
+            )
+        })?;
+    }
     let sockstat = std::fs::read_to_string("/proc/net/sockstat")?;
     let pages = parse_tcp_mem_pages(&sockstat).ok_or_else(|| {
         io::Error::new(
@@ -97,8 +102,13 @@ mod tests {
 
     #[test]
     fn samples_this_process() {
-        let s = sample(std::process::id()).expect("/proc is readable");
+        let me = std::process::id();
+        let s = sample(&[me]).expect("/proc is readable");
         assert!(s.rss_bytes > 0 && s.slab_bytes > 0);
+        // Several pids sum: this process twice is (about) twice its RSS.
+        let twice = sample(&[me, me]).expect("/proc is readable");
+        assert!(twice.rss_bytes > s.rss_bytes);
+        assert!(sample(&[me, u32::MAX]).is_err());
         assert!(self_rss_kib() > 0);
     }
 }

@@ -53,11 +53,15 @@ impl Opcode {
 }
 
 /// The request of the opening handshake for `path` on `host`, offering `protocol`.
-pub fn handshake_request(host: &str, path: &str, key_b64: &str, protocol: &str) -> Vec<u8> {
+/// The upgrade request; `protocol` is the subprotocol offered, if any.
+pub fn handshake_request(host: &str, path: &str, key_b64: &str, protocol: Option<&str>) -> Vec<u8> {
+    let offer = match protocol {
+        Some(p) => format!("Sec-WebSocket-Protocol: {p}\r\n"),
+        None => String::new(),
+    };
     format!(
         "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: {key_b64}\r\nSec-WebSocket-Version: 13\r\n\
-         Sec-WebSocket-Protocol: {protocol}\r\n\r\n"
+         Sec-WebSocket-Key: {key_b64}\r\nSec-WebSocket-Version: 13\r\n{offer}\r\n"
     )
     .into_bytes()
 }
@@ -102,10 +106,12 @@ impl HandshakeError {
 
 /// Parses the server's answer from the start of `buf`. `Ok(None)`: the head is not
 /// complete yet. `Ok(Some(n))`: a valid `101` of `n` bytes (what follows are frames).
+/// `protocol` is the subprotocol offered: the server must choose it; with none
+/// offered, it must choose none (RFC 6455 §4.1).
 pub fn parse_handshake_response(
     buf: &[u8],
     key_b64: &str,
-    protocol: &str,
+    protocol: Option<&str>,
 ) -> Result<Option<usize>, HandshakeError> {
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut resp = httparse::Response::new(&mut headers);
@@ -132,7 +138,7 @@ pub fn parse_handshake_response(
     if header("Sec-WebSocket-Accept") != Some(expected_accept(key_b64).as_bytes()) {
         return Err(HandshakeError::BadAccept);
     }
-    if header("Sec-WebSocket-Protocol") != Some(protocol.as_bytes()) {
+    if header("Sec-WebSocket-Protocol") != protocol.map(str::as_bytes) {
         return Err(HandshakeError::BadProtocol);
     }
     Ok(Some(consumed))
@@ -412,25 +418,46 @@ mod tests {
         let mut with_frame = ok.as_bytes().to_vec();
         with_frame.extend_from_slice(&server_frame(true, 1, b"x"));
         assert_eq!(
-            parse_handshake_response(&with_frame, key, "flare.v1.json"),
+            parse_handshake_response(&with_frame, key, Some("flare.v1.json")),
             Ok(Some(ok.len()))
         );
         assert_eq!(
-            parse_handshake_response(&ok.as_bytes()[..40], key, "flare.v1.json"),
+            parse_handshake_response(&ok.as_bytes()[..40], key, Some("flare.v1.json")),
             Ok(None)
         );
         assert_eq!(
-            parse_handshake_response(ok.as_bytes(), key, "flare.v1.rkyv"),
+            parse_handshake_response(ok.as_bytes(), key, Some("flare.v1.rkyv")),
             Err(HandshakeError::BadProtocol)
         );
         assert_eq!(
-            parse_handshake_response(ok.as_bytes(), "AAAAAAAAAAAAAAAAAAAAAA==", "flare.v1.json"),
+            parse_handshake_response(
+                ok.as_bytes(),
+                "AAAAAAAAAAAAAAAAAAAAAA==",
+                Some("flare.v1.json")
+            ),
             Err(HandshakeError::BadAccept)
         );
         assert_eq!(
-            parse_handshake_response(b"HTTP/1.1 400 Bad Request\r\n\r\n", key, "flare.v1.json"),
+            parse_handshake_response(
+                b"HTTP/1.1 400 Bad Request\r\n\r\n",
+                key,
+                Some("flare.v1.json")
+            ),
             Err(HandshakeError::Status(400))
         );
+        // No subprotocol offered (raw-ws peers): the server must choose none.
+        let plain = ok.replace("Sec-WebSocket-Protocol: flare.v1.json\r\n", "");
+        assert_eq!(
+            parse_handshake_response(plain.as_bytes(), key, None),
+            Ok(Some(plain.len()))
+        );
+        assert_eq!(
+            parse_handshake_response(ok.as_bytes(), key, None),
+            Err(HandshakeError::BadProtocol)
+        );
+        let request = String::from_utf8(handshake_request("h:1", "/ws/r1", key, None)).unwrap();
+        assert!(request.starts_with("GET /ws/r1 HTTP/1.1\r\n") && request.ends_with("\r\n\r\n"));
+        assert!(!request.contains("Sec-WebSocket-Protocol"));
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 mod common;
 
+use common::room::RoomServer;
 use common::{loadgen, serial, Server, ADMIN_TOKEN, SECRET};
 
 #[test]
@@ -52,7 +53,7 @@ fn connect_holds_every_session_and_measures_server_memory() {
         .as_ref()
         .expect("--server-pid gives a memory report");
     assert_eq!(m.connections, 200);
-    assert_eq!(m.server_pid, server.pid());
+    assert_eq!(m.server_pids, vec![server.pid()]);
     assert!(m.rss_before_bytes > 0 && m.rss_after_bytes > 0);
     assert!(run.stdout.contains("server memory"), "{}", run.stdout);
 }
@@ -305,4 +306,116 @@ fn missing_secret_is_a_usage_error() {
     let run = loadgen(&["connect", "--conns", "1"]);
     assert_eq!(run.code, 2, "{}", run.describe());
     assert!(run.stderr.contains("--jwt-secret"), "{}", run.describe());
+}
+
+/// `--target raw-ws`: the scenarios against a room server that knows nothing of
+/// Flare's protocol (the peers' contract): every message arrives at every member of
+/// its room exactly once, in order.
+#[test]
+fn raw_ws_chat_and_fanout_deliver_every_message_through_rooms() {
+    let _g = serial();
+    let rooms = RoomServer::start();
+    let url = rooms.url();
+    let run = loadgen(&[
+        "--target",
+        "raw-ws",
+        "--url",
+        &url,
+        "--threads",
+        "2",
+        "chat",
+        "--pairs",
+        "4",
+        "--rate",
+        "80",
+        "--duration",
+        "2s",
+    ]);
+    let r = run.report(None);
+    assert_eq!(run.code, 0, "{}", run.describe());
+    assert_eq!(r.encoding, "raw-ws");
+    let m = r.messages.as_ref().expect("messages");
+    assert_eq!(
+        (m.scheduled, m.sent, m.acked),
+        (160, 160, 160),
+        "{}",
+        run.describe()
+    );
+    assert_eq!(m.deliveries_unique, 160, "each message once at the peer");
+    assert_eq!(m.deliveries, 320, "the peer's copy and the sender's own");
+    assert_eq!(m.e2e_latency.count, 160);
+    let i = r.integrity.as_ref().expect("integrity");
+    assert_eq!((i.delivery.lost, i.violations), (0, 0), "{i:?}");
+
+    let run = loadgen(&[
+        "--target",
+        "raw-ws",
+        "--url",
+        &url,
+        "--threads",
+        "2",
+        "fanout",
+        "--members",
+        "10",
+        "--publishers",
+        "2",
+        "--rate",
+        "20",
+        "--duration",
+        "2s",
+    ]);
+    let r = run.report(None);
+    assert_eq!(run.code, 0, "{}", run.describe());
+    let m = r.messages.as_ref().expect("messages");
+    assert_eq!((m.scheduled, m.acked), (40, 40));
+    assert_eq!((m.deliveries_expected, m.deliveries_unique), (400, 400));
+    let i = r.integrity.as_ref().expect("integrity");
+    assert_eq!((i.missing_deliveries, i.violations), (0, 0), "{i:?}");
+}
+
+#[test]
+fn raw_ws_connect_sums_the_memory_of_every_server_pid() {
+    let _g = serial();
+    let rooms = RoomServer::start();
+    let url = rooms.url();
+    let me = std::process::id().to_string();
+    let pids = format!("{me},{me}");
+    let run = loadgen(&[
+        "--target",
+        "raw-ws",
+        "--url",
+        &url,
+        "connect",
+        "--conns",
+        "50",
+        "--duration",
+        "500ms",
+        "--server-pid",
+        &pids,
+        "--settle",
+        "100ms",
+    ]);
+    let r = run.report(None);
+    assert_eq!(run.code, 0, "{}", run.describe());
+    assert_eq!((r.connections.established, r.totals.conns.closed), (50, 50));
+    let m = r.server_memory.as_ref().expect("memory report");
+    assert_eq!(m.server_pids.len(), 2);
+    assert!(m.rss_before_bytes > 0, "{m:?}");
+
+    // Nothing to encode in rkyv: the option is refused, not ignored.
+    let bad = loadgen(&[
+        "--target",
+        "raw-ws",
+        "--url",
+        &url,
+        "--encoding",
+        "rkyv",
+        "connect",
+    ]);
+    assert_eq!(bad.code, 2, "{}", bad.describe());
+    assert!(
+        bad.stderr.contains("--encoding applies to --target flare"),
+        "{}",
+        bad.stderr
+    );
 }

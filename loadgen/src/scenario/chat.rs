@@ -6,6 +6,10 @@
 //! `s ^ 1`. Tick `i` of the worker's open-loop schedule is sender `i % senders`'s
 //! message number `i / senders`; the message id is that number, and the body
 //! carries it with the scheduled time.
+//!
+//! Against a raw-ws room server each pair shares a room; there is no `send_ok`, so a
+//! message written to the socket counts as acknowledged (see `raw`), and there is no
+//! inbox `seq` to check.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -18,6 +22,7 @@ use crate::cli::ChatArgs;
 use crate::clock::mono_ns;
 use crate::conn::{Conn, Handler};
 use crate::proto::{message_body, parse_body, Encoding, Incoming, Outgoing, To};
+use crate::raw;
 use crate::report::{MsgStats, WorkerResult};
 use crate::runner::{Progress, Worker};
 use crate::sched::OpenLoop;
@@ -37,6 +42,7 @@ struct State {
 
 struct Chat {
     pool: Rc<Pool>,
+    raw: bool,
     users: Vec<String>,
     state: RefCell<State>,
 }
@@ -88,7 +94,9 @@ impl Handler for Chat {
             }
             Incoming::Msg { seq, from, body } => {
                 st.msgs.deliveries += 1;
-                st.inbox[me].on_msg(seq, &mut st.inbox_totals);
+                if !self.raw {
+                    st.inbox[me].on_msg(seq, &mut st.inbox_totals);
+                }
                 let Some((n, sched)) = parse_body(&body) else {
                     count(&mut st.msgs.bad_frames, "msg_body_not_ours");
                     return;
@@ -104,7 +112,9 @@ impl Handler for Chat {
                         Receipt::Duplicate | Receipt::Unexpected => {}
                     }
                 } else if *from == self.users[me] {
-                    st.echo.received(me, n);
+                    if !self.raw {
+                        st.echo.received(me, n);
+                    }
                 } else {
                     count(&mut st.msgs.bad_frames, "msg_from_a_stranger");
                 }
@@ -143,6 +153,7 @@ pub async fn run(w: Rc<Worker>, args: &ChatArgs) -> WorkerResult {
     let pool = Pool::new(w.clone());
     let chat = Rc::new(Chat {
         pool: pool.clone(),
+        raw: pool.raw(),
         users: users.clone(),
         state: RefCell::new(State {
             msgs: MsgStats::default(),
@@ -155,7 +166,9 @@ pub async fn run(w: Rc<Worker>, args: &ChatArgs) -> WorkerResult {
     });
     let stop_heartbeat = Rc::new(Cell::new(false));
     spawn_heartbeat(conns.clone(), &w, stop_heartbeat.clone());
-    pool.open_all(&chat, &conns, &users, &globals).await;
+    // raw-ws: the two users of a pair share a room.
+    let room = |k: usize| cfg.user("pair", pairs[k / 2]);
+    pool.open_all(&chat, &conns, &users, room, &globals).await;
 
     let t0 = w.ready_and_wait_go().await;
     let end = t0 + cfg.common.duration.as_nanos() as u64;
@@ -216,6 +229,7 @@ async fn send_loop(
     let progress = w.progress();
     let timer = PreciseTimer::new();
     let mut body = String::new();
+    let mut text = String::new();
     while let Some(next) = sched.next_due_ns() {
         timer.sleep_until(next).await;
         while let Some(t) = sched.pop_due(mono_ns()) {
@@ -230,17 +244,24 @@ async fn send_loop(
                 continue;
             }
             message_body(seq, t.scheduled_ns, args.body_bytes, &mut body);
-            let id = seq.to_string();
             st.delivery.sent(s, seq);
-            st.echo.sent(s, seq);
-            st.pending.insert((s, seq), t.scheduled_ns);
+            if !chat.raw {
+                st.echo.sent(s, seq);
+                st.pending.insert((s, seq), t.scheduled_ns);
+            }
             drop(st);
-            let frame = Outgoing::Send {
-                id: &id,
-                to: To::User(&chat.users[peer]),
-                body: &body,
+            let ok = if chat.raw {
+                raw::encode(&chat.users[s], &body, &mut text);
+                conns[s].send_text(&text)
+            } else {
+                let id = seq.to_string();
+                let frame = Outgoing::Send {
+                    id: &id,
+                    to: To::User(&chat.users[peer]),
+                    body: &body,
+                };
+                conns[s].send(enc, &frame)
             };
-            let ok = conns[s].send(enc, &frame);
             let mut st = chat.state.borrow_mut();
             if ok {
                 st.msgs.sent += 1;
@@ -248,6 +269,12 @@ async fn send_loop(
                     .send_lag
                     .record(mono_ns().saturating_sub(t.scheduled_ns));
                 Progress::add(&progress.sent, 1);
+                if chat.raw {
+                    // Nothing acknowledges a room message: written is acknowledged.
+                    st.msgs.acked += 1;
+                    Progress::add(&progress.acked, 1);
+                    st.delivery.acked(s, seq);
+                }
             } else {
                 st.pending.remove(&(s, seq));
                 count(&mut st.msgs.not_sent, "send_failed");

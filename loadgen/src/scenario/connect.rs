@@ -28,7 +28,9 @@ pub async fn run_connect(w: Rc<Worker>) -> WorkerResult {
     });
     let stop_heartbeat = Rc::new(Cell::new(false));
     spawn_heartbeat(conns.clone(), &w, stop_heartbeat.clone());
-    pool.open_all(&handler, &conns, &users, &globals).await;
+    // raw-ws: each user alone in a room of its own, as in its own channel.
+    pool.open_all(&handler, &conns, &users, |k| users[k].clone(), &globals)
+        .await;
 
     let t0 = w.ready_and_wait_go().await;
     let end = t0 + w.cfg.common.duration.as_nanos() as u64;
@@ -70,13 +72,8 @@ pub async fn run_churn(w: Rc<Worker>, args: &ChurnArgs) -> WorkerResult {
                 // and the source addresses are used round-robin over the whole run.
                 let global = t.index as usize * w.count + w.index;
                 let conn = Conn::new(global);
-                pool.spawn(
-                    &handler,
-                    &conn,
-                    &w.cfg.user("n", global),
-                    global,
-                    t.scheduled_ns,
-                );
+                let user = w.cfg.user("n", global);
+                pool.spawn(&handler, &conn, &user, &user, global, t.scheduled_ns);
             }
         }
     }

@@ -5,6 +5,9 @@
 //! Members are spread over every worker and process, so a member cannot see the
 //! publisher's `send_ok`s: each receiver checks duplicates and order per publisher,
 //! and the coordinator compares the distinct deliveries with acked x M at the end.
+//!
+//! Against a raw-ws room server the group is one room that every member joins, and a
+//! message written to the socket counts as acknowledged (see `raw`).
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -17,6 +20,7 @@ use crate::cli::FanoutArgs;
 use crate::clock::mono_ns;
 use crate::conn::{Conn, Handler};
 use crate::proto::{message_body, parse_body, Incoming, Outgoing, To};
+use crate::raw;
 use crate::report::{MsgStats, WorkerResult};
 use crate::runner::{Progress, RunConfig, Worker};
 use crate::sched::OpenLoop;
@@ -44,6 +48,7 @@ struct State {
 
 struct Fanout {
     pool: Rc<Pool>,
+    raw: bool,
     /// `<prefix>-<run>-m`: a member id is this and its global number.
     member_prefix: String,
     publishers: usize,
@@ -95,7 +100,9 @@ impl Handler for Fanout {
             }
             Incoming::Msg { seq, from, body } => {
                 st.msgs.deliveries += 1;
-                st.inbox[me].on_msg(seq, &mut st.inbox_totals);
+                if !self.raw {
+                    st.inbox[me].on_msg(seq, &mut st.inbox_totals);
+                }
                 let publisher = from
                     .strip_prefix(self.member_prefix.as_str())
                     .and_then(|n| n.parse::<usize>().ok())
@@ -139,6 +146,7 @@ pub async fn run(w: Rc<Worker>, args: &FanoutArgs) -> WorkerResult {
     let pool = Pool::new(w.clone());
     let fan = Rc::new(Fanout {
         pool: pool.clone(),
+        raw: pool.raw(),
         member_prefix: format!("{}-{}-m", cfg.common.user_prefix, cfg.run_id),
         publishers: publishers.max(1),
         state: RefCell::new(State {
@@ -151,7 +159,9 @@ pub async fn run(w: Rc<Worker>, args: &FanoutArgs) -> WorkerResult {
     });
     let stop_heartbeat = Rc::new(Cell::new(false));
     spawn_heartbeat(conns.clone(), &w, stop_heartbeat.clone());
-    pool.open_all(&fan, &conns, &users, &globals).await;
+    let group = group_name(&cfg);
+    pool.open_all(&fan, &conns, &users, |_| group.clone(), &globals)
+        .await;
 
     let t0 = w.ready_and_wait_go().await;
     let end = t0 + cfg.common.duration.as_nanos() as u64;
@@ -160,11 +170,11 @@ pub async fn run(w: Rc<Worker>, args: &FanoutArgs) -> WorkerResult {
     if !local_pubs.is_empty() {
         let rate = args.rate * local_pubs.len() as f64 / publishers as f64;
         let mut sched = OpenLoop::new(t0, rate, end);
-        let group = group_name(&cfg);
         let enc = cfg.common.encoding;
         let progress = w.progress();
         let timer = PreciseTimer::new();
         let mut body = String::new();
+        let mut text = String::new();
         let npubs = local_pubs.len() as u64;
         while let Some(next) = sched.next_due_ns() {
             timer.sleep_until(next).await;
@@ -178,18 +188,23 @@ pub async fn run(w: Rc<Worker>, args: &FanoutArgs) -> WorkerResult {
                     count(&mut st.msgs.not_sent, "publisher_not_open");
                     continue;
                 }
-                st.pending.insert((k, seq), t.scheduled_ns);
+                if !fan.raw {
+                    st.pending.insert((k, seq), t.scheduled_ns);
+                }
                 drop(st);
                 message_body(seq, t.scheduled_ns, args.body_bytes, &mut body);
-                let id = seq.to_string();
-                let ok = conns[k].send(
-                    enc,
-                    &Outgoing::Send {
+                let ok = if fan.raw {
+                    raw::encode(&users[k], &body, &mut text);
+                    conns[k].send_text(&text)
+                } else {
+                    let id = seq.to_string();
+                    let frame = Outgoing::Send {
                         id: &id,
                         to: To::Group(&group),
                         body: &body,
-                    },
-                );
+                    };
+                    conns[k].send(enc, &frame)
+                };
                 let mut st = fan.state.borrow_mut();
                 if ok {
                     st.msgs.sent += 1;
@@ -197,6 +212,11 @@ pub async fn run(w: Rc<Worker>, args: &FanoutArgs) -> WorkerResult {
                         .send_lag
                         .record(mono_ns().saturating_sub(t.scheduled_ns));
                     Progress::add(&progress.sent, 1);
+                    if fan.raw {
+                        // Nothing acknowledges a room message: written is acknowledged.
+                        st.msgs.acked += 1;
+                        Progress::add(&progress.acked, 1);
+                    }
                 } else {
                     st.pending.remove(&(k, seq));
                     count(&mut st.msgs.not_sent, "send_failed");

@@ -11,9 +11,9 @@ use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::time::Duration;
 
-use crate::cli::Scenario;
+use crate::cli::{Scenario, TargetKind};
 use crate::clock::mono_ns;
-use crate::conn::{self, Conn, Handler, Notify, State, Target};
+use crate::conn::{self, Conn, Handler, Login, Notify, State, Target};
 use crate::proto::Incoming;
 use crate::report::{ConnStats, MsgStats, WorkerResult};
 use crate::runner::{Progress, Worker};
@@ -62,13 +62,20 @@ impl Pool {
         self.worker.progress()
     }
 
-    /// Starts connection `conn` as user `user`, global connection number `global`
-    /// (which picks the source address), scheduled at `scheduled_ns`.
+    /// Whether the target is a raw-ws room server (no acks, no inbox `seq`).
+    pub fn raw(&self) -> bool {
+        self.target.kind == TargetKind::RawWs
+    }
+
+    /// Starts connection `conn` as user `user` (raw-ws: in room `room`), global
+    /// connection number `global` (which picks the source address), scheduled at
+    /// `scheduled_ns`.
     pub fn spawn<H: Handler + 'static>(
         &self,
         handler: &Rc<H>,
         conn: &Rc<Conn>,
         user: &str,
+        room: &str,
         global: usize,
         scheduled_ns: u64,
     ) {
@@ -84,12 +91,16 @@ impl Pool {
         self.inflight.set(self.inflight.get() + 1);
         self.live.set(self.live.get() + 1);
         let cfg = &self.worker.cfg;
+        let login = match self.target.kind {
+            TargetKind::Flare => Login::Token(cfg.token(user)),
+            TargetKind::RawWs => Login::Room(room.to_string()),
+        };
         monoio::spawn(conn::drive(
             conn.clone(),
             handler.clone(),
             self.target.clone(),
             cfg.source_for(global),
-            cfg.token(user),
+            login,
             scheduled_ns,
         ));
     }
@@ -129,14 +140,15 @@ impl Pool {
         self.changed.notify();
     }
 
-    /// Opens `conns[k]` as `users[k]` (global numbers `globals[k]`) at this worker's
-    /// share of `--ramp-rate`, at most `--connect-concurrency` at once, and returns
-    /// when every attempt has an outcome.
+    /// Opens `conns[k]` as `users[k]` in raw-ws room `room(k)` (global numbers
+    /// `globals[k]`) at this worker's share of `--ramp-rate`, at most
+    /// `--connect-concurrency` at once, and returns when every attempt has an outcome.
     pub async fn open_all<H: Handler + 'static>(
         &self,
         handler: &Rc<H>,
         conns: &[Rc<Conn>],
         users: &[String],
+        room: impl Fn(usize) -> String,
         globals: &[usize],
     ) {
         let common = &self.worker.cfg.common;
@@ -159,7 +171,7 @@ impl Pool {
             while self.inflight.get() >= concurrency {
                 self.changed.notified().await;
             }
-            self.spawn(handler, conn, &users[k], globals[k], scheduled);
+            self.spawn(handler, conn, &users[k], &room(k), globals[k], scheduled);
         }
         while self.inflight.get() > 0 {
             self.changed.notified().await;

@@ -6,6 +6,8 @@
 //! `cargo build -p flare-gateway`.
 #![allow(dead_code)]
 
+pub mod room;
+
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
