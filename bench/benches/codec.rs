@@ -80,6 +80,28 @@ fn frames(c: &mut Criterion) {
     }
     group.finish();
 
+    let mut group = c.benchmark_group("encode_send");
+    for enc in [Encoding::Json, Encoding::Rkyv] {
+        group.bench_function(enc.subprotocol(), |b| {
+            let mut out = Vec::with_capacity(512);
+            b.iter(|| {
+                out.clear();
+                black_box(&send).encode_into(enc, &mut out);
+                black_box(out.len())
+            })
+        });
+    }
+    group.finish();
+
+    let mut group = c.benchmark_group("decode_msg");
+    for enc in [Encoding::Json, Encoding::Rkyv] {
+        let bytes = msg.encode(enc);
+        group.bench_function(enc.subprotocol(), |b| {
+            b.iter(|| ServerFrame::decode(enc, black_box(&bytes)).expect("a valid frame"))
+        });
+    }
+    group.finish();
+
     let mut group = c.benchmark_group("encode_msg");
     for enc in [Encoding::Json, Encoding::Rkyv] {
         group.bench_function(enc.subprotocol(), |b| {

@@ -1,1 +1,3 @@
-//! Criterion micro-benchmarks of Flare's hot paths live in `benches/`; run them with `cargo bench -p flare-bench`.
+//! Criterion micro-benchmarks of Flare's hot paths live in `benches/` (`codec`: WebSocket
+//! frames, JSON vs rkyv, timer wheel; `mesh`: inter-thread mailboxes); run them with
+//! `cargo bench -p flare-bench`. `bench/compare` runs Flare beside peer servers.
