@@ -66,6 +66,34 @@ pub fn now_ms() -> u64 {
 }
 
 impl Shard {
+    /// A shard with no connections yet.
+    pub fn new(
+        index: u16,
+        node: Rc<str>,
+        limits: Limits,
+        jwt_secret: Vec<u8>,
+        to_pipeline: Sender<Request>,
+        metrics: Arc<ShardMetrics>,
+        draining: Arc<AtomicBool>,
+    ) -> Shard {
+        Shard {
+            index,
+            node,
+            limits,
+            jwt_secret,
+            metrics,
+            conns: RefCell::new(Slab::new()),
+            timers: RefCell::new(TimerWheel::new(TICK_MS, WHEEL_SLOTS, now_ms())),
+            read_buf: RefCell::new(vec![0u8; READ_BUF_BYTES]),
+            to_pipeline,
+            backlog: RefCell::new(VecDeque::new()),
+            session_counter: Cell::new(0),
+            draining,
+            drain_started: Cell::new(false),
+            stop_accepting: Notify::default(),
+        }
+    }
+
     pub fn conn(&self, id: u64) -> Option<Rc<Conn>> {
         self.conns.borrow().get(id).cloned()
     }
@@ -130,12 +158,13 @@ impl Shard {
         match ev {
             Event::Opened {
                 conn,
+                ids,
                 head_seq,
                 entries,
                 caught_up,
             } => {
                 if let Some(c) = self.conn(conn.conn) {
-                    c.on_opened(self, head_seq, entries, caught_up);
+                    c.on_opened(self, *ids, head_seq, entries, caught_up);
                 }
             }
             Event::CatchUpPage {
@@ -294,22 +323,15 @@ pub async fn run(init: ShardInit, listener: std::net::TcpListener) {
         }
     };
     let drain_timeout = Duration::from_millis(limits.drain_timeout_ms);
-    let shard = Rc::new(Shard {
+    let shard = Rc::new(Shard::new(
         index,
         node,
         limits,
         jwt_secret,
-        metrics,
-        conns: RefCell::new(Slab::new()),
-        timers: RefCell::new(TimerWheel::new(TICK_MS, WHEEL_SLOTS, now_ms())),
-        read_buf: RefCell::new(vec![0u8; READ_BUF_BYTES]),
         to_pipeline,
-        backlog: RefCell::new(VecDeque::new()),
-        session_counter: Cell::new(0),
+        metrics,
         draining,
-        drain_started: Cell::new(false),
-        stop_accepting: Notify::default(),
-    });
+    ));
 
     let s = shard.clone();
     monoio::spawn(async move {
@@ -365,9 +387,14 @@ async fn accept_loop(shard: &Rc<Shard>, listener: &monoio::net::TcpListener) {
                     continue;
                 }
                 let _ = stream.set_nodelay(true);
-                let task = conn::serve(shard.clone(), stream);
-                tracing::trace!(bytes = std::mem::size_of_val(&task), "connection task");
-                monoio::spawn(task);
+                match Conn::accept(shard, stream) {
+                    Ok(conn) => {
+                        monoio::spawn(conn::serve(shard.clone(), conn));
+                    }
+                    Err(e) => {
+                        tracing::warn!(shard = shard.index, error = %e, "cannot watch an accepted socket")
+                    }
+                }
             }
             Err(e) => {
                 ShardMetrics::inc(&shard.metrics.accept_errors);

@@ -587,12 +587,20 @@ fn slow_consumer_closes_4008_without_holding_up_the_sender() {
         "--max-frame-bytes",
         "131072",
     ]);
-    let mut slow = RawWs::connect_small_rcvbuf(s.ws, 4096);
-    assert_eq!(slow.status, 101);
-    slow.send_json(json!({"type": "auth", "token": token("bob"), "device": "slow"}));
-    assert_eq!(slow.recv_json()["type"], "auth_ok");
+    // bob and alice on one shard: while bob is being closed and is still not
+    // reading, his shard must keep serving alice.
+    let mut slow = (0..60)
+        .find_map(|_| {
+            let mut slow = RawWs::connect_small_rcvbuf(s.ws, 4096);
+            assert_eq!(slow.status, 101);
+            slow.send_json(json!({"type": "auth", "token": token("bob"), "device": "slow"}));
+            let ok = slow.recv_json();
+            assert_eq!(ok["type"], "auth_ok");
+            (session_shard(&ok) == 0).then_some(slow)
+        })
+        .expect("a session on shard 0 within 60 connections");
     // bob stops reading; alice sends 200 × 60 KB (12 MB) to him.
-    let (mut a, _) = s.login("alice", "phone", None);
+    let (mut a, _) = s.login_on_shard("alice", "phone", 0, None);
     let body = "y".repeat(60_000);
     // One send at a time, reading our own answer and inbox copy each time, so that
     // alice's own outbound queue stays far below the limit.

@@ -38,6 +38,13 @@ pub struct Entry {
     pub msg: Arc<Message>,
 }
 
+/// Who a session is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionIds {
+    pub user: String,
+    pub device: String,
+}
+
 /// Requests from gateway endpoints. User, device, group and client ids are already
 /// validated by the gateway (PROTOCOL.md §2); bodies are within `max_body_bytes`.
 #[derive(Debug)]
@@ -119,6 +126,9 @@ pub enum Event {
     /// entries follow as `Deliver`.
     Opened {
         conn: ConnRef,
+        /// The session's user and device, for `auth_ok`: the gateway keeps neither.
+        /// Boxed, so that this event is no larger than the others.
+        ids: Box<SessionIds>,
         head_seq: u64,
         entries: Vec<Entry>,
         caught_up: bool,

@@ -20,15 +20,18 @@
 //! cursor only ever moves forward and nothing waits for it to be durable.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::rc::Rc;
 use std::sync::Arc;
 
 use flare_codec::frame::{ErrorCode, Target};
 
 use crate::api::{
-    AdminOp, AdminReply, ConnRef, DevicePresence, Endpoint, Entry, Event, Message, Request, Stats,
+    AdminOp, AdminReply, ConnRef, DevicePresence, Endpoint, Entry, Event, Message, Request,
+    SessionIds, Stats,
 };
 use crate::config::PipelineConfig;
 use crate::ids::MsgIds;
+use crate::intern::{DeviceId, Interner};
 use crate::record::{Record, MAX_RECORD_BYTES};
 use crate::state::{MemState, Page, State};
 
@@ -38,13 +41,56 @@ const PAGE_ENTRY_OVERHEAD_BYTES: usize = 256;
 /// `from_device` of messages posted through the admin API.
 pub const ADMIN_DEVICE: &str = "admin";
 
+/// One open session. Small, because every online device has one (DESIGN.md §6): the
+/// user id is the state's shared copy and the device id is interned.
 struct Session {
-    user: String,
-    device: String,
-    /// Session start, ms since the Unix epoch.
-    since: u64,
+    user: Rc<str>,
+    device: DeviceId,
     /// Caught up: new entries go out as `Deliver`; before that, catch-up pages carry them.
     live: bool,
+    /// Session start, ms since the Unix epoch.
+    since: u64,
+}
+
+/// A user's open sessions, one per device. One is the common case and needs no
+/// allocation.
+enum Online {
+    One(ConnRef),
+    Many(Vec<ConnRef>),
+}
+
+impl Online {
+    fn conns(&self) -> &[ConnRef] {
+        match self {
+            Online::One(c) => std::slice::from_ref(c),
+            Online::Many(all) => all,
+        }
+    }
+
+    fn push(&mut self, conn: ConnRef) {
+        match self {
+            Online::One(c) => *self = Online::Many(vec![*c, conn]),
+            Online::Many(all) => all.push(conn),
+        }
+    }
+
+    /// Removes `conn`; returns whether no session is left.
+    fn remove(&mut self, conn: ConnRef) -> bool {
+        match self {
+            Online::One(c) => *c == conn,
+            Online::Many(all) => {
+                all.retain(|c| *c != conn);
+                match all[..] {
+                    [] => true,
+                    [one] => {
+                        *self = Online::One(one);
+                        false
+                    }
+                    _ => false,
+                }
+            }
+        }
+    }
 }
 
 /// An answer that waits for its batch to be durable.
@@ -124,8 +170,10 @@ pub struct Engine<S: State = MemState> {
     state: S,
     ids: MsgIds,
     sessions: HashMap<ConnRef, Session>,
-    /// Open sessions per user, one per device.
-    online: HashMap<String, Vec<ConnRef>>,
+    /// Open sessions per user, one per device; keyed by the state's copy of the user id.
+    online: HashMap<Rc<str>, Online>,
+    /// Device ids of sessions.
+    devices: Interner,
     pending: Batch,
     inflight: Option<Batch>,
     /// Uncommitted messages by (sender, client id): `(msg_id, ts, batch id)`.
@@ -168,6 +216,7 @@ impl<S: State> Engine<S> {
             ids: MsgIds::new(&cfg.node_id),
             sessions: HashMap::new(),
             online: HashMap::new(),
+            devices: Interner::default(),
             pending: Batch::new(0),
             inflight: None,
             uncommitted: HashMap::new(),
@@ -214,7 +263,8 @@ impl<S: State> Engine<S> {
             }
             Request::Send { conn, id, to, body } => match self.sessions.get(&conn) {
                 Some(s) => {
-                    let (user, device) = (s.user.clone(), s.device.clone());
+                    let (user, device) =
+                        (s.user.to_string(), self.devices.name(s.device).to_string());
                     let dedup_id = Some(id.clone());
                     self.submit(
                         Origin::Conn { conn, id },
@@ -349,11 +399,16 @@ impl<S: State> Engine<S> {
         last_seq: Option<u64>,
         now_ms: u64,
     ) {
+        let key = self.state.user(&user);
+        let device_id = self.devices.intern(&device);
         let sessions = &self.sessions;
-        let older = self
-            .online
-            .get(&user)
-            .and_then(|conns| conns.iter().copied().find(|c| sessions[c].device == device));
+        let older = self.online.get(&key).and_then(|online| {
+            online
+                .conns()
+                .iter()
+                .copied()
+                .find(|c| sessions[c].device == device_id)
+        });
         if let Some(old) = older {
             self.remove_session(old);
             if old != conn {
@@ -375,20 +430,26 @@ impl<S: State> Engine<S> {
         };
         let page = self.bounded(self.state.page(&user, after, self.catchup_page));
         let caught_up = !page.more;
-        self.online.entry(user.clone()).or_default().push(conn);
+        match self.online.get_mut(&key) {
+            Some(online) => online.push(conn),
+            None => {
+                self.online.insert(key.clone(), Online::One(conn));
+            }
+        }
         self.sessions.insert(
             conn,
             Session {
-                user,
-                device,
-                since: now_ms,
+                user: key,
+                device: device_id,
                 live: caught_up,
+                since: now_ms,
             },
         );
         self.outputs.push_back((
             conn.endpoint,
             Event::Opened {
                 conn,
+                ids: Box::new(SessionIds { user, device }),
                 head_seq: head,
                 entries: page.entries,
                 caught_up,
@@ -453,7 +514,10 @@ impl<S: State> Engine<S> {
         let Some(session) = self.sessions.get(&conn) else {
             return;
         };
-        let (user, device) = (session.user.clone(), session.device.clone());
+        let (user, device) = (
+            session.user.clone(),
+            self.devices.name(session.device).clone(),
+        );
         let seq = seq.min(self.state.head(&user));
         if self.state.cursor(&user, &device).is_none_or(|c| seq > c) {
             self.log_cursor(&user, &device, seq);
@@ -543,14 +607,12 @@ impl<S: State> Engine<S> {
             },
             AdminOp::Presence { user } => {
                 let devices = self
-                    .online
-                    .get(&user)
-                    .into_iter()
-                    .flatten()
+                    .online_conns(&user)
+                    .iter()
                     .map(|c| {
                         let s = &self.sessions[c];
                         DevicePresence {
-                            device: s.device.clone(),
+                            device: self.devices.name(s.device).to_string(),
                             node: self.node_id.clone(),
                             since: s.since,
                         }
@@ -560,15 +622,13 @@ impl<S: State> Engine<S> {
             }
             AdminOp::Kick { user, device } => {
                 let kicked: Vec<ConnRef> = self
-                    .online
-                    .get(&user)
-                    .into_iter()
-                    .flatten()
+                    .online_conns(&user)
+                    .iter()
                     .copied()
                     .filter(|c| {
                         device
                             .as_deref()
-                            .is_none_or(|d| self.sessions[c].device == d)
+                            .is_none_or(|d| **self.devices.name(self.sessions[c].device) == *d)
                     })
                     .collect();
                 for conn in kicked {
@@ -782,11 +842,15 @@ impl<S: State> Engine<S> {
         }
     }
 
+    /// The open sessions of `user`.
+    fn online_conns(&self, user: &str) -> &[ConnRef] {
+        self.online.get(user).map_or(&[], Online::conns)
+    }
+
     fn remove_session(&mut self, conn: ConnRef) -> Option<Session> {
         let session = self.sessions.remove(&conn)?;
-        if let Some(conns) = self.online.get_mut(&session.user) {
-            conns.retain(|c| *c != conn);
-            if conns.is_empty() {
+        if let Some(online) = self.online.get_mut(&session.user) {
+            if online.remove(conn) {
                 self.online.remove(&session.user);
             }
         }
@@ -829,7 +893,7 @@ impl<S: State> Engine<S> {
                     let Some(out) = deliveries.as_deref_mut() else {
                         continue;
                     };
-                    for conn in self.online.get(&user).into_iter().flatten() {
+                    for conn in self.online_conns(&user) {
                         if self.sessions[conn].live {
                             out.entry(conn.endpoint)
                                 .or_default()

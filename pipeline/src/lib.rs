@@ -23,6 +23,7 @@ pub mod config;
 pub mod embedded;
 pub mod engine;
 pub mod ids;
+pub mod intern;
 pub mod log;
 pub mod record;
 pub mod state;

@@ -6,9 +6,11 @@
 //! which is a later issue.
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::rc::Rc;
 use std::sync::Arc;
 
 use crate::api::{Entry, Message};
+use crate::intern::{DeviceId, Interner};
 
 /// A page of inbox entries.
 #[derive(Debug, Default)]
@@ -26,6 +28,10 @@ pub trait State {
     fn head(&self, user: &str) -> u64;
     /// Lowest retained `seq` of `user`'s inbox, `head + 1` when none is retained.
     fn first_seq(&self, user: &str) -> u64;
+    /// The node's one copy of `user`'s id, creating the user's (empty) inbox if it has
+    /// none. The engine's session and presence maps keep this copy instead of their own,
+    /// so an online user's id is stored once (DESIGN.md §6).
+    fn user(&mut self, user: &str) -> Rc<str>;
     /// Appends `msg` to `user`'s inbox with the next `seq`, keeping at most
     /// `keep` entries, and returns the new entry.
     fn append(&mut self, user: &str, msg: Arc<Message>, keep: usize) -> Entry;
@@ -57,18 +63,59 @@ pub trait State {
     fn inbox_entries(&self) -> u64;
 }
 
+/// One user's inbox. Sized for the many users that are online and idle: the block
+/// list is boxed (most users have none) and one device's ack cursor lives inline.
 #[derive(Default)]
 struct Inbox {
     head: u64,
     entries: VecDeque<Entry>,
-    cursors: HashMap<String, u64>,
-    blocked: HashSet<String>,
+    cursors: Cursors,
+    // Boxed: 8 bytes in every inbox instead of 48, and most users block nobody.
+    #[allow(clippy::box_collection)]
+    blocked: Option<Box<HashSet<String>>>,
+}
+
+/// A user's ack cursors by device. Almost every user has one device, or a few.
+#[derive(Default)]
+enum Cursors {
+    #[default]
+    None,
+    One(DeviceId, u64),
+    // Boxed: a `Vec` inline would make every inbox's cursors 32 bytes, not 16.
+    #[allow(clippy::box_collection)]
+    Many(Box<Vec<(DeviceId, u64)>>),
+}
+
+impl Cursors {
+    fn get(&self, device: DeviceId) -> Option<u64> {
+        match self {
+            Cursors::None => None,
+            Cursors::One(d, seq) => (*d == device).then_some(*seq),
+            Cursors::Many(all) => all.iter().find(|(d, _)| *d == device).map(|&(_, s)| s),
+        }
+    }
+
+    /// Moves `device`'s cursor to `seq`, never backwards.
+    fn advance(&mut self, device: DeviceId, seq: u64) {
+        match self {
+            Cursors::None => *self = Cursors::One(device, seq),
+            Cursors::One(d, s) if *d == device => *s = (*s).max(seq),
+            Cursors::One(d, s) => *self = Cursors::Many(Box::new(vec![(*d, *s), (device, seq)])),
+            Cursors::Many(all) => match all.iter_mut().find(|(d, _)| *d == device) {
+                Some((_, s)) => *s = (*s).max(seq),
+                None => all.push((device, seq)),
+            },
+        }
+    }
 }
 
 /// The in-memory [`State`].
 #[derive(Default)]
 pub struct MemState {
-    inboxes: HashMap<String, Inbox>,
+    /// Keyed by the node's one copy of each user id (see [`State::user`]).
+    inboxes: HashMap<Rc<str>, Inbox>,
+    /// Device ids of ack cursors.
+    devices: Interner,
     groups: HashMap<String, BTreeSet<String>>,
     dedup: HashMap<(String, String), (u64, u64)>,
     /// Dedup keys in acceptance order, for expiry.
@@ -79,13 +126,22 @@ pub struct MemState {
 impl MemState {
     fn inbox_mut(&mut self, user: &str) -> &mut Inbox {
         if !self.inboxes.contains_key(user) {
-            self.inboxes.insert(user.to_owned(), Inbox::default());
+            self.inboxes.insert(Rc::from(user), Inbox::default());
         }
         self.inboxes.get_mut(user).expect("inserted above")
     }
 }
 
 impl State for MemState {
+    fn user(&mut self, user: &str) -> Rc<str> {
+        if let Some((key, _)) = self.inboxes.get_key_value(user) {
+            return key.clone();
+        }
+        let key: Rc<str> = Rc::from(user);
+        self.inboxes.insert(key.clone(), Inbox::default());
+        key
+    }
+
     fn head(&self, user: &str) -> u64 {
         self.inboxes.get(user).map_or(0, |i| i.head)
     }
@@ -145,17 +201,13 @@ impl State for MemState {
     }
 
     fn cursor(&self, user: &str, device: &str) -> Option<u64> {
-        self.inboxes.get(user)?.cursors.get(device).copied()
+        let device = self.devices.get(device)?;
+        self.inboxes.get(user)?.cursors.get(device)
     }
 
     fn set_cursor(&mut self, user: &str, device: &str, seq: u64) {
-        let cursors = &mut self.inbox_mut(user).cursors;
-        match cursors.get_mut(device) {
-            Some(c) => *c = (*c).max(seq),
-            None => {
-                cursors.insert(device.to_owned(), seq);
-            }
-        }
+        let device = self.devices.intern(device);
+        self.inbox_mut(user).cursors.advance(device, seq);
     }
 
     fn group(&self, group: &str) -> Option<&BTreeSet<String>> {
@@ -169,11 +221,12 @@ impl State for MemState {
     fn blocks(&self, user: &str, from: &str) -> bool {
         self.inboxes
             .get(user)
-            .is_some_and(|i| i.blocked.contains(from))
+            .and_then(|i| i.blocked.as_ref())
+            .is_some_and(|b| b.contains(from))
     }
 
     fn put_blocked(&mut self, user: &str, users: HashSet<String>) {
-        self.inbox_mut(user).blocked = users;
+        self.inbox_mut(user).blocked = (!users.is_empty()).then(|| Box::new(users));
     }
 
     fn dedup(&self, user: &str, id: &str, min_ts: u64) -> Option<(u64, u64)> {
@@ -272,6 +325,41 @@ mod tests {
         s.expire_dedup(25);
         assert_eq!(s.dedup("a", "x", 0), Some((3, 30)));
         assert_eq!(s.dedup("a", "y", 0), None);
+    }
+
+    /// DESIGN.md §6: every online user has an inbox, idle or not. Today's sizes:
+    /// raise a bound only with the README's memory measurement redone.
+    #[test]
+    fn an_inbox_is_small() {
+        assert!(std::mem::size_of::<Inbox>() <= 64);
+        assert!(std::mem::size_of::<Cursors>() <= 16);
+    }
+
+    #[test]
+    fn cursors_of_several_devices() {
+        let mut s = MemState::default();
+        s.set_cursor("u", "phone", 3);
+        s.set_cursor("u", "web", 5);
+        s.set_cursor("u", "tv", 1);
+        s.set_cursor("u", "phone", 2);
+        s.set_cursor("v", "phone", 9);
+        assert_eq!(s.cursor("u", "phone"), Some(3));
+        assert_eq!(s.cursor("u", "web"), Some(5));
+        assert_eq!(s.cursor("u", "tv"), Some(1));
+        assert_eq!(s.cursor("u", "watch"), None);
+        assert_eq!(s.cursor("v", "phone"), Some(9));
+        assert_eq!(s.cursor("v", "web"), None);
+    }
+
+    #[test]
+    fn a_user_id_is_stored_once() {
+        let mut s = MemState::default();
+        let a = s.user("alice");
+        let b = s.user("alice");
+        assert!(Rc::ptr_eq(&a, &b));
+        s.set_cursor("alice", "phone", 1);
+        assert!(Rc::ptr_eq(&a, &s.user("alice")));
+        assert_eq!(s.users(), 1);
     }
 
     #[test]

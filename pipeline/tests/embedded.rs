@@ -97,6 +97,7 @@ impl Gateway {
                 head_seq,
                 entries,
                 caught_up,
+                ..
             } if got == conn(c) => (head_seq, entries.iter().map(|e| e.seq).collect(), caught_up),
             other => panic!("expected Opened, got {other:?}"),
         }

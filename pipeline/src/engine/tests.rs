@@ -78,6 +78,7 @@ impl Sim {
                 head_seq,
                 entries,
                 caught_up,
+                ..
             } if conn == c => {
                 assert_eq!(ep, c.endpoint);
                 Some((head_seq, seqs(&entries), caught_up))
@@ -1091,4 +1092,31 @@ fn pages_are_cut_at_the_byte_budget_but_never_empty() {
     assert!(out
         .iter()
         .any(|(_, ev)| matches!(ev, Event::SyncPage { entries, .. } if entries.len() == 1)));
+}
+
+/// DESIGN.md §6: an idle session costs the pipeline its `Session` and its user's
+/// `Online` entry (and the user's inbox, see the state's tests). Today's sizes: raise
+/// a bound only with the README's memory measurement redone.
+#[test]
+fn session_records_are_small() {
+    assert!(std::mem::size_of::<Session>() <= 32);
+    assert!(std::mem::size_of::<Online>() <= 24);
+}
+
+#[test]
+fn online_keeps_one_session_inline_and_many_in_order() {
+    let (a, b, c) = (conn(0, 1), conn(0, 2), conn(1, 3));
+    let mut online = Online::One(a);
+    online.push(b);
+    online.push(c);
+    assert_eq!(online.conns(), &[a, b, c]);
+    assert!(!online.remove(b));
+    assert_eq!(online.conns(), &[a, c]);
+    assert!(!online.remove(a));
+    assert!(matches!(online, Online::One(x) if x == c));
+    assert!(
+        !online.remove(a),
+        "removing an absent session changes nothing"
+    );
+    assert!(online.remove(c), "the last session is gone");
 }
