@@ -407,6 +407,9 @@ impl ServerFrame {
 }
 
 /// `msg_id` in JSON: a u64 as a decimal string of ASCII digits (no sign, no spaces).
+mod msg_template;
+pub use msg_template::MsgTemplate;
+
 mod u64_as_string {
     use serde::{de::Error, Deserialize, Deserializer, Serializer};
 

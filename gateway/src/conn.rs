@@ -606,7 +606,8 @@ impl Conn {
             return;
         }
         st.delivered = entry.seq;
-        st.push(shard, &msg_frame(entry));
+        let bytes = shard.live_msg_bytes(entry, st.enc);
+        st.push_bytes(shard, bytes);
         drop(st);
         self.wake();
     }

@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use flare_codec::frame::{Encoding, GoawayReason, ServerFrame};
-use flare_pipeline::api::{ConnRef, Entry, Event, Request};
+use flare_codec::frame::{Encoding, GoawayReason, MsgTemplate, ServerFrame};
+use flare_pipeline::api::{ConnRef, Entry, Event, Message, Request};
 use flare_shard::mailbox::{self, MonoioWaker, Receiver, Sender};
 use flare_shard::slab::Slab;
 use flare_shard::timer::TimerWheel;
@@ -55,6 +55,16 @@ pub struct Shard {
     pub draining: Arc<AtomicBool>,
     pub drain_started: Cell<bool>,
     pub stop_accepting: Notify,
+    /// The message of the latest live delivery, encoded once per encoding: a group
+    /// message's deliveries come one after another, and differ only by `seq`.
+    live_msg: RefCell<Option<LiveMsg>>,
+}
+
+/// A message and its templates (JSON, rkyv), made on first use.
+struct LiveMsg {
+    /// Held, so its address cannot be reused by another message while cached.
+    msg: Arc<Message>,
+    templates: [Option<MsgTemplate>; 2],
 }
 
 /// Milliseconds since the Unix epoch.
@@ -91,7 +101,29 @@ impl Shard {
             draining,
             drain_started: Cell::new(false),
             stop_accepting: Notify::default(),
+            live_msg: RefCell::new(None),
         }
+    }
+
+    /// The WebSocket message of a live `msg` frame for `entry` in `enc`. The frame is
+    /// encoded once per message and encoding, and each recipient's `seq` written into
+    /// a copy (DESIGN.md §4).
+    pub fn live_msg_bytes(&self, entry: &Entry, enc: Encoding) -> Vec<u8> {
+        let mut cache = self.live_msg.borrow_mut();
+        let live = match &mut *cache {
+            Some(live) if Arc::ptr_eq(&live.msg, &entry.msg) => live,
+            slot => slot.insert(LiveMsg {
+                msg: entry.msg.clone(),
+                templates: [None, None],
+            }),
+        };
+        let i = match enc {
+            Encoding::Json => 0,
+            Encoding::Rkyv => 1,
+        };
+        live.templates[i]
+            .get_or_insert_with(|| MsgTemplate::new(&msg_frame(entry), enc))
+            .ws_message(entry.seq)
     }
 
     pub fn conn(&self, id: u64) -> Option<Rc<Conn>> {

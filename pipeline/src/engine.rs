@@ -862,6 +862,31 @@ impl<S: State> Engine<S> {
             .expire(user, now_ms.saturating_sub(self.retention_ms));
     }
 
+    /// Appends `msg` to `user`'s inbox, after dropping what retention expired, and
+    /// routes the entry to the user's live sessions (`None`: replaying, no routing).
+    fn append_and_route(
+        &mut self,
+        user: &str,
+        msg: &Arc<Message>,
+        min_ts: u64,
+        deliveries: Option<&mut BTreeMap<Endpoint, Vec<(u64, Entry)>>>,
+    ) {
+        self.state.expire(user, min_ts);
+        let entry = self
+            .state
+            .append(user, msg.clone(), self.retention_messages);
+        let Some(out) = deliveries else {
+            return;
+        };
+        for conn in self.online_conns(user) {
+            if self.sessions[conn].live {
+                out.entry(conn.endpoint)
+                    .or_default()
+                    .push((conn.conn, entry.clone()));
+            }
+        }
+    }
+
     /// Applies a durable record. `deliveries` collects live entries per endpoint;
     /// `None` while replaying.
     fn apply(
@@ -876,28 +901,20 @@ impl<S: State> Engine<S> {
                 if let Some(id) = &dedup_id {
                     self.state.put_dedup(&msg.from, id, msg.msg_id, msg.ts);
                 }
-                let recipients: Vec<String> = match &msg.to {
-                    Target::User(u) if *u == msg.from => vec![u.clone()],
-                    Target::User(u) => vec![u.clone(), msg.from.clone()],
-                    Target::Group(g) => self
-                        .state
-                        .group(g)
-                        .map_or_else(Vec::new, |m| m.iter().cloned().collect()),
-                };
                 let min_ts = now_ms.saturating_sub(self.retention_ms);
-                for user in recipients {
-                    self.state.expire(&user, min_ts);
-                    let entry = self
-                        .state
-                        .append(&user, msg.clone(), self.retention_messages);
-                    let Some(out) = deliveries.as_deref_mut() else {
-                        continue;
-                    };
-                    for conn in self.online_conns(&user) {
-                        if self.sessions[conn].live {
-                            out.entry(conn.endpoint)
-                                .or_default()
-                                .push((conn.conn, entry.clone()));
+                match &msg.to {
+                    Target::User(u) => {
+                        self.append_and_route(u, &msg, min_ts, deliveries.as_deref_mut());
+                        if *u != msg.from {
+                            let from = &msg.from;
+                            self.append_and_route(from, &msg, min_ts, deliveries.as_deref_mut());
+                        }
+                    }
+                    Target::Group(g) => {
+                        // A handle on the member set, not a copy of every member id.
+                        let members = self.state.group_shared(g).unwrap_or_default();
+                        for user in members.iter() {
+                            self.append_and_route(user, &msg, min_ts, deliveries.as_deref_mut());
                         }
                     }
                 }

@@ -45,6 +45,9 @@ pub trait State {
     fn set_cursor(&mut self, user: &str, device: &str, seq: u64);
     /// A group's members, `None` for an unknown group.
     fn group(&self, group: &str) -> Option<&BTreeSet<String>>;
+    /// A group's members as a shared handle, to walk while the state changes (a group
+    /// message appends to every member's inbox).
+    fn group_shared(&self, group: &str) -> Option<Rc<BTreeSet<String>>>;
     /// Replaces (creates) a group.
     fn put_group(&mut self, group: &str, members: BTreeSet<String>);
     /// Whether `user` refuses messages from `from`.
@@ -116,7 +119,7 @@ pub struct MemState {
     inboxes: HashMap<Rc<str>, Inbox>,
     /// Device ids of ack cursors.
     devices: Interner,
-    groups: HashMap<String, BTreeSet<String>>,
+    groups: HashMap<String, Rc<BTreeSet<String>>>,
     dedup: HashMap<(String, String), (u64, u64)>,
     /// Dedup keys in acceptance order, for expiry.
     dedup_order: VecDeque<(u64, String, String)>,
@@ -211,11 +214,15 @@ impl State for MemState {
     }
 
     fn group(&self, group: &str) -> Option<&BTreeSet<String>> {
-        self.groups.get(group)
+        self.groups.get(group).map(|m| &**m)
+    }
+
+    fn group_shared(&self, group: &str) -> Option<Rc<BTreeSet<String>>> {
+        self.groups.get(group).cloned()
     }
 
     fn put_group(&mut self, group: &str, members: BTreeSet<String>) {
-        self.groups.insert(group.to_owned(), members);
+        self.groups.insert(group.to_owned(), Rc::new(members));
     }
 
     fn blocks(&self, user: &str, from: &str) -> bool {

@@ -1,0 +1,208 @@
+//! One `msg` frame encoded once for every recipient of a message (DESIGN.md §4): the
+//! recipients' frames differ only by their inbox `seq`, which is written into a copy
+//! of the encoding instead of encoding the frame again.
+//!
+//! JSON: the payload is kept in two parts around the decimal `seq` (its width varies,
+//! so the WebSocket header is written per recipient). rkyv: `seq` is a fixed-width
+//! little-endian u64 at a fixed offset of the archive, found once by encoding the
+//! frame with two different values; the copy is patched there.
+
+use super::{Encoding, ServerFrame};
+use crate::ws::{self, Opcode};
+
+/// A `msg` frame, encoded once in one encoding, ready to be written as a WebSocket
+/// message for any `seq`.
+#[derive(Debug, Clone)]
+pub struct MsgTemplate {
+    enc: Encoding,
+    /// JSON: the payload without its `seq` digits. rkyv: the archive with `seq` 0.
+    bytes: Vec<u8>,
+    /// JSON: where the `seq` digits go. rkyv: offset of `seq`'s 8 bytes.
+    at: usize,
+}
+
+/// `seq` as decimal digits, without allocating.
+fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[i..];
+        }
+    }
+}
+
+impl MsgTemplate {
+    /// Encodes `frame`, which must be a [`ServerFrame::Msg`] (its own `seq` is ignored).
+    ///
+    /// # Panics
+    /// If `frame` is not a `msg` frame: a bug of the caller.
+    pub fn new(frame: &ServerFrame, enc: Encoding) -> MsgTemplate {
+        let ServerFrame::Msg {
+            msg_id,
+            from,
+            from_device,
+            to,
+            body,
+            ts,
+            ..
+        } = frame
+        else {
+            panic!(
+                "a MsgTemplate is made of a msg frame, not {}",
+                frame.type_name()
+            );
+        };
+        let with_seq = |seq| ServerFrame::Msg {
+            seq,
+            msg_id: *msg_id,
+            from: from.clone(),
+            from_device: from_device.clone(),
+            to: to.clone(),
+            body: body.clone(),
+            ts: *ts,
+        };
+        match enc {
+            Encoding::Json => {
+                let mut bytes = with_seq(0).encode(enc);
+                // Every string value is escaped, so the first `"seq":0` with bare
+                // quotes is the field itself.
+                const FIELD: &[u8] = b"\"seq\":0";
+                let start = bytes
+                    .windows(FIELD.len())
+                    .position(|w| w == FIELD)
+                    .expect("a msg frame's JSON holds its seq");
+                let at = start + FIELD.len() - 1;
+                bytes.remove(at);
+                MsgTemplate { enc, bytes, at }
+            }
+            Encoding::Rkyv => {
+                let zero = with_seq(0).encode(enc);
+                let ones = with_seq(u64::MAX).encode(enc);
+                assert_eq!(zero.len(), ones.len(), "rkyv's seq has a fixed width");
+                let at = zero
+                    .iter()
+                    .zip(&ones)
+                    .position(|(a, b)| a != b)
+                    .expect("seq is in the archive");
+                debug_assert!(
+                    zero[at..at + 8] == [0; 8] && ones[at..at + 8] == [0xff; 8],
+                    "seq is 8 contiguous little-endian bytes"
+                );
+                MsgTemplate {
+                    enc,
+                    bytes: zero,
+                    at,
+                }
+            }
+        }
+    }
+
+    /// The encoding of this template.
+    pub fn encoding(&self) -> Encoding {
+        self.enc
+    }
+
+    /// The whole WebSocket message (header and payload) of the frame with `seq`.
+    pub fn ws_message(&self, seq: u64) -> Vec<u8> {
+        match self.enc {
+            Encoding::Json => {
+                let mut buf = [0u8; 20];
+                let digits = decimal(seq, &mut buf);
+                let len = self.bytes.len() + digits.len();
+                let mut out = Vec::with_capacity(ws::MAX_FRAME_HEADER_BYTES + len);
+                ws::encode_header(Opcode::Text, true, len, None, &mut out);
+                out.extend_from_slice(&self.bytes[..self.at]);
+                out.extend_from_slice(digits);
+                out.extend_from_slice(&self.bytes[self.at..]);
+                out
+            }
+            Encoding::Rkyv => {
+                let len = self.bytes.len();
+                let mut out = Vec::with_capacity(ws::MAX_FRAME_HEADER_BYTES + len);
+                ws::encode_header(Opcode::Binary, true, len, None, &mut out);
+                let at = out.len() + self.at;
+                out.extend_from_slice(&self.bytes);
+                out[at..at + 8].copy_from_slice(&seq.to_le_bytes());
+                out
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::Target;
+    use crate::ws::{Role, WsDecoder, WsEvent};
+    use crate::DEFAULT_MAX_FRAME_BYTES;
+
+    fn msg(seq: u64, body: &str, to: Target) -> ServerFrame {
+        ServerFrame::Msg {
+            seq,
+            msg_id: 7281956375040,
+            from: "alice".into(),
+            from_device: "phone".into(),
+            to,
+            body: body.into(),
+            ts: 1795322556625,
+        }
+    }
+
+    /// Reads one whole server WebSocket message back into a frame.
+    fn read_back(wire: &[u8], enc: Encoding) -> ServerFrame {
+        let mut dec = WsDecoder::new(Role::Client, DEFAULT_MAX_FRAME_BYTES);
+        let mut input = wire;
+        let payload = match dec.decode(&mut input) {
+            Ok(Some(WsEvent::Text(p))) if enc == Encoding::Json => p,
+            Ok(Some(WsEvent::Binary(p))) if enc == Encoding::Rkyv => p,
+            other => panic!("one whole {enc:?} message expected, got {other:?}"),
+        };
+        assert!(input.is_empty(), "nothing after the message");
+        ServerFrame::decode(enc, &payload).expect("a valid frame")
+    }
+
+    #[test]
+    fn every_seq_reads_back_as_the_frame_encoded_whole() {
+        let bodies = [
+            String::new(),
+            "hi".to_string(),
+            // Text that looks like the field, and non-ASCII text.
+            r#""seq":0,"seq":0 ünï ✓"#.to_string(),
+            // Long enough for a 16-bit and a 64-bit WebSocket length.
+            "x".repeat(300),
+            "y".repeat(70_000),
+        ];
+        let seqs = [0, 1, 9, 10, 99, 100, 12345, 1 << 40, u64::MAX];
+        for enc in [Encoding::Json, Encoding::Rkyv] {
+            for body in &bodies {
+                for to in [Target::User("bob".into()), Target::Group("team".into())] {
+                    let t = MsgTemplate::new(&msg(777, body, to.clone()), enc);
+                    assert_eq!(t.encoding(), enc);
+                    for seq in seqs {
+                        let want = msg(seq, body, to.clone());
+                        let wire = t.ws_message(seq);
+                        assert_eq!(read_back(&wire, enc), want, "{enc:?} seq {seq}");
+                        // Byte for byte what encoding the whole frame gives.
+                        let mut whole = Vec::new();
+                        let payload = want.encode(enc);
+                        let op = match enc {
+                            Encoding::Json => Opcode::Text,
+                            Encoding::Rkyv => Opcode::Binary,
+                        };
+                        ws::encode_frame(op, &payload, &mut whole);
+                        assert_eq!(wire, whole, "{enc:?} seq {seq}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "made of a msg frame")]
+    fn only_msg_frames_make_templates() {
+        MsgTemplate::new(&ServerFrame::Pong, Encoding::Json);
+    }
+}
