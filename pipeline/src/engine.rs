@@ -862,8 +862,9 @@ impl<S: State> Engine<S> {
             .expire(user, now_ms.saturating_sub(self.retention_ms));
     }
 
-    /// Appends `msg` to `user`'s inbox, after dropping what retention expired, and
-    /// routes the entry to the user's live sessions (`None`: replaying, no routing).
+    /// Appends `msg` to `user`'s inbox (retention applied as [`State::append`] says)
+    /// and routes the entry to the user's live sessions (`None`: replaying, no
+    /// routing).
     fn append_and_route(
         &mut self,
         user: &str,
@@ -871,10 +872,9 @@ impl<S: State> Engine<S> {
         min_ts: u64,
         deliveries: Option<&mut BTreeMap<Endpoint, Vec<(u64, Entry)>>>,
     ) {
-        self.state.expire(user, min_ts);
         let entry = self
             .state
-            .append(user, msg.clone(), self.retention_messages);
+            .append(user, msg.clone(), self.retention_messages, min_ts);
         let Some(out) = deliveries else {
             return;
         };

@@ -33,8 +33,11 @@ pub trait State {
     /// so an online user's id is stored once (DESIGN.md §6).
     fn user(&mut self, user: &str) -> Rc<str>;
     /// Appends `msg` to `user`'s inbox with the next `seq`, keeping at most
-    /// `keep` entries, and returns the new entry.
-    fn append(&mut self, user: &str, msg: Arc<Message>, keep: usize) -> Entry;
+    /// `keep` entries, and returns the new entry. Entries accepted before `min_ts`
+    /// are dropped every [`EXPIRE_EVERY_APPENDS`] appends of an inbox (so the hot path
+    /// seldom reads an old message): whoever reads an inbox calls
+    /// [`expire`](State::expire) first.
+    fn append(&mut self, user: &str, msg: Arc<Message>, keep: usize, min_ts: u64) -> Entry;
     /// Drops `user`'s entries accepted before `min_ts` (ms since the Unix epoch).
     fn expire(&mut self, user: &str, min_ts: u64);
     /// At most `limit` retained entries with `seq > after`.
@@ -65,6 +68,9 @@ pub trait State {
     /// Retained inbox entries, all users together.
     fn inbox_entries(&self) -> u64;
 }
+
+/// How often an append also applies the age retention to its inbox.
+pub const EXPIRE_EVERY_APPENDS: u64 = 64;
 
 /// One user's inbox. Sized for the many users that are online and idle: the block
 /// list is boxed (most users have none) and one device's ack cursor lives inline.
@@ -126,6 +132,37 @@ pub struct MemState {
     entries: u64,
 }
 
+impl Inbox {
+    /// Drops entries accepted before `min_ts`; returns how many.
+    fn expire(&mut self, min_ts: u64) -> u64 {
+        let mut dropped = 0;
+        while self.entries.front().is_some_and(|e| e.msg.ts < min_ts) {
+            self.entries.pop_front();
+            dropped += 1;
+        }
+        dropped
+    }
+
+    /// See [`State::append`]. Returns the entry and how many entries were dropped.
+    fn push(&mut self, msg: Arc<Message>, keep: usize, min_ts: u64) -> (Entry, u64) {
+        let mut dropped = 0;
+        if (self.head + 1) % EXPIRE_EVERY_APPENDS == 0 {
+            dropped += self.expire(min_ts);
+        }
+        self.head += 1;
+        let entry = Entry {
+            seq: self.head,
+            msg,
+        };
+        self.entries.push_back(entry.clone());
+        while self.entries.len() > keep {
+            self.entries.pop_front();
+            dropped += 1;
+        }
+        (entry, dropped)
+    }
+}
+
 impl MemState {
     fn inbox_mut(&mut self, user: &str) -> &mut Inbox {
         if !self.inboxes.contains_key(user) {
@@ -155,30 +192,24 @@ impl State for MemState {
             .map_or(1, |i| i.entries.front().map_or(i.head + 1, |e| e.seq))
     }
 
-    fn append(&mut self, user: &str, msg: Arc<Message>, keep: usize) -> Entry {
-        let inbox = self.inbox_mut(user);
-        inbox.head += 1;
-        let entry = Entry {
-            seq: inbox.head,
-            msg,
+    fn append(&mut self, user: &str, msg: Arc<Message>, keep: usize, min_ts: u64) -> Entry {
+        // One lookup for a known user.
+        let (entry, dropped) = match self.inboxes.get_mut(user) {
+            Some(inbox) => inbox.push(msg, keep, min_ts),
+            None => {
+                let mut inbox = Inbox::default();
+                let pushed = inbox.push(msg, keep, min_ts);
+                self.inboxes.insert(Rc::from(user), inbox);
+                pushed
+            }
         };
-        inbox.entries.push_back(entry.clone());
-        let mut dropped = 0;
-        while inbox.entries.len() > keep {
-            inbox.entries.pop_front();
-            dropped += 1;
-        }
         self.entries = self.entries + 1 - dropped;
         entry
     }
 
     fn expire(&mut self, user: &str, min_ts: u64) {
-        let Some(inbox) = self.inboxes.get_mut(user) else {
-            return;
-        };
-        while inbox.entries.front().is_some_and(|e| e.msg.ts < min_ts) {
-            inbox.entries.pop_front();
-            self.entries -= 1;
+        if let Some(inbox) = self.inboxes.get_mut(user) {
+            self.entries -= inbox.expire(min_ts);
         }
     }
 
@@ -293,7 +324,7 @@ mod tests {
     fn pages_count_retention_and_time_expiry() {
         let mut s = MemState::default();
         for ts in 1..=10 {
-            s.append("u", msg(ts), 5);
+            s.append("u", msg(ts), 5, 0);
         }
         assert_eq!(s.head("u"), 10);
         assert_eq!(s.first_seq("u"), 6);
@@ -318,7 +349,25 @@ mod tests {
         s.expire("u", 100);
         assert_eq!(s.first_seq("u"), 11);
         assert_eq!(s.inbox_entries(), 0);
-        assert_eq!(s.append("u", msg(100), 5).seq, 11, "seqs never restart");
+        assert_eq!(s.append("u", msg(100), 5, 0).seq, 11, "seqs never restart");
+    }
+
+    #[test]
+    fn appends_apply_the_age_retention_every_so_often() {
+        let mut s = MemState::default();
+        for ts in 1..EXPIRE_EVERY_APPENDS {
+            s.append("u", msg(ts), 1000, 0);
+        }
+        assert_eq!(s.inbox_entries(), 63);
+        // The 64th append applies `min_ts`: entries accepted before 50 go.
+        assert_eq!(s.append("u", msg(100), 1000, 50).seq, 64);
+        assert_eq!(s.first_seq("u"), 50);
+        assert_eq!(s.inbox_entries(), 15);
+        // Between those appends the age is not looked at; readers expire first.
+        s.append("u", msg(101), 1000, 1000);
+        assert_eq!(s.inbox_entries(), 16);
+        s.expire("u", 1000);
+        assert_eq!(s.inbox_entries(), 0);
     }
 
     #[test]
