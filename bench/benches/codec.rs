@@ -6,6 +6,7 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use flare_codec::{
+    frame::MsgTemplate,
     ws::{self, Opcode, Role, WsDecoder, WsEvent},
     ClientFrame, Encoding, ServerFrame, Target, DEFAULT_MAX_FRAME_BYTES,
 };
@@ -98,6 +99,30 @@ fn frames(c: &mut Criterion) {
         let bytes = msg.encode(enc);
         group.bench_function(enc.subprotocol(), |b| {
             b.iter(|| ServerFrame::decode(enc, black_box(&bytes)).expect("a valid frame"))
+        });
+    }
+    group.finish();
+
+    // A live delivery: the whole WebSocket message of a `msg` frame, encoded for this
+    // recipient, or written from the message's template with this recipient's `seq`.
+    let mut group = c.benchmark_group("live_msg_ws_message");
+    for enc in [Encoding::Json, Encoding::Rkyv] {
+        group.bench_function(format!("{}/encode_whole", enc.subprotocol()), |b| {
+            let mut payload = Vec::with_capacity(512);
+            b.iter(|| {
+                payload.clear();
+                black_box(&msg).encode_into(enc, &mut payload);
+                let mut out = Vec::with_capacity(payload.len() + 10);
+                match enc {
+                    Encoding::Json => ws::text(&payload, &mut out),
+                    Encoding::Rkyv => ws::binary(&payload, &mut out),
+                }
+                out
+            })
+        });
+        let template = MsgTemplate::new(&msg, enc);
+        group.bench_function(format!("{}/template", enc.subprotocol()), |b| {
+            b.iter(|| template.ws_message(black_box(42)))
         });
     }
     group.finish();
