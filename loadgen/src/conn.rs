@@ -442,13 +442,9 @@ async fn establish(
         k[8..].copy_from_slice(&rand_u64().to_ne_bytes());
         k
     });
-    let (path, protocol, token) = match login {
-        Login::Token(token) => (
-            target.path.clone(),
-            Some(target.encoding.subprotocol()),
-            token,
-        ),
-        Login::Room(room) => (raw::room_path(&target.path, room), None, room),
+    let (path, protocol) = match login {
+        Login::Token(_) => (target.path.clone(), Some(target.encoding.subprotocol())),
+        Login::Room(room) => (raw::room_path(&target.path, room), None),
     };
     let request = ws::handshake_request(&target.host, &path, &key, protocol);
     if !conn.send_bytes(&request) {
@@ -481,9 +477,10 @@ async fn establish(
         }
     };
     drop(head);
-    if target.kind == TargetKind::RawWs {
+    let Login::Token(token) = login else {
+        // A room is joined by the upgrade itself.
         return Ok((stream, 0, leftover));
-    }
+    };
 
     step.set(Step::Auth);
     let enc = target.encoding;
