@@ -20,6 +20,7 @@
 
 pub mod api;
 pub mod config;
+pub mod dedup;
 pub mod embedded;
 pub mod engine;
 pub mod ids;

@@ -10,6 +10,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use crate::api::{Entry, Message};
+use crate::dedup::DedupTable;
 use crate::intern::{DeviceId, Interner};
 
 /// A page of inbox entries.
@@ -126,9 +127,7 @@ pub struct MemState {
     /// Device ids of ack cursors.
     devices: Interner,
     groups: HashMap<String, Rc<BTreeSet<String>>>,
-    dedup: HashMap<(String, String), (u64, u64)>,
-    /// Dedup keys in acceptance order, for expiry.
-    dedup_order: VecDeque<(u64, String, String)>,
+    dedup: DedupTable,
     entries: u64,
 }
 
@@ -268,31 +267,15 @@ impl State for MemState {
     }
 
     fn dedup(&self, user: &str, id: &str, min_ts: u64) -> Option<(u64, u64)> {
-        // The key is owned; a lookup by borrowed parts would need a custom Borrow.
-        let hit = *self.dedup.get(&(user.to_owned(), id.to_owned()))?;
-        (hit.1 >= min_ts).then_some(hit)
+        self.dedup.get(user, id, min_ts)
     }
 
     fn put_dedup(&mut self, user: &str, id: &str, msg_id: u64, ts: u64) {
-        self.dedup
-            .insert((user.to_owned(), id.to_owned()), (msg_id, ts));
-        self.dedup_order
-            .push_back((ts, user.to_owned(), id.to_owned()));
+        self.dedup.put(user, id, msg_id, ts);
     }
 
     fn expire_dedup(&mut self, min_ts: u64) {
-        while self
-            .dedup_order
-            .front()
-            .is_some_and(|(ts, _, _)| *ts < min_ts)
-        {
-            let (ts, user, id) = self.dedup_order.pop_front().expect("checked non-empty");
-            let key = (user, id);
-            // Only forget the key if it was not accepted again later.
-            if self.dedup.get(&key).is_some_and(|&(_, t)| t == ts) {
-                self.dedup.remove(&key);
-            }
-        }
+        self.dedup.expire(min_ts);
     }
 
     fn users(&self) -> u64 {
