@@ -19,6 +19,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
 use std::pin::pin;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -26,7 +27,7 @@ use flare_codec::frame::{ClientFrame, Encoding, ErrorCode, GoawayReason, ServerF
 use flare_codec::ids::is_valid_id;
 use flare_codec::ws::{self, WsDecoder, WsEvent};
 use flare_codec::Decoded;
-use flare_pipeline::api::{Entry, Request, SessionIds};
+use flare_pipeline::api::{Entry, Message, Request, SessionIds};
 
 use crate::jwt::{self, TokenError};
 use crate::metrics::ShardMetrics;
@@ -597,16 +598,16 @@ impl Conn {
         self.wake();
     }
 
-    pub fn on_live(&self, shard: &Shard, entry: &Entry) {
+    pub fn on_live(&self, shard: &Shard, msg: &Arc<Message>, seq: u64) {
         let mut st = self.st.borrow_mut();
         if st.phase != Phase::Open {
             return;
         }
-        if st.delivery != Delivery::Live || entry.seq <= st.delivered {
+        if st.delivery != Delivery::Live || seq <= st.delivered {
             return;
         }
-        st.delivered = entry.seq;
-        let bytes = shard.live_msg_bytes(entry, st.enc);
+        st.delivered = seq;
+        let bytes = shard.live_msg_bytes(msg, seq, st.enc);
         st.push_bytes(shard, bytes);
         drop(st);
         self.wake();
@@ -726,7 +727,7 @@ impl ConnState {
         for e in entries {
             if e.seq > self.delivered {
                 self.delivered = e.seq;
-                self.push(shard, &msg_frame(e));
+                self.push(shard, &msg_frame(e.seq, &e.msg));
             }
         }
         self.delivery = if caught_up {

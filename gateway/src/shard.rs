@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flare_codec::frame::{Encoding, GoawayReason, MsgTemplate, ServerFrame};
-use flare_pipeline::api::{ConnRef, Entry, Event, Message, Request};
+use flare_pipeline::api::{ConnRef, Event, Message, Request};
 use flare_shard::mailbox::{self, MonoioWaker, Receiver, Sender};
 use flare_shard::slab::Slab;
 use flare_shard::timer::TimerWheel;
@@ -105,15 +105,15 @@ impl Shard {
         }
     }
 
-    /// The WebSocket message of a live `msg` frame for `entry` in `enc`. The frame is
-    /// encoded once per message and encoding, and each recipient's `seq` written into
-    /// a copy (DESIGN.md §4).
-    pub fn live_msg_bytes(&self, entry: &Entry, enc: Encoding) -> Vec<u8> {
+    /// The WebSocket message of a live `msg` frame of `msg` at `seq` in `enc`. The
+    /// frame is encoded once per message and encoding, and each recipient's `seq`
+    /// written into a copy (DESIGN.md §4).
+    pub fn live_msg_bytes(&self, msg: &Arc<Message>, seq: u64, enc: Encoding) -> Vec<u8> {
         let mut cache = self.live_msg.borrow_mut();
         let live = match &mut *cache {
-            Some(live) if Arc::ptr_eq(&live.msg, &entry.msg) => live,
+            Some(live) if Arc::ptr_eq(&live.msg, msg) => live,
             slot => slot.insert(LiveMsg {
-                msg: entry.msg.clone(),
+                msg: msg.clone(),
                 templates: [None, None],
             }),
         };
@@ -122,8 +122,8 @@ impl Shard {
             Encoding::Rkyv => 1,
         };
         live.templates[i]
-            .get_or_insert_with(|| MsgTemplate::new(&msg_frame(entry), enc))
-            .ws_message(entry.seq)
+            .get_or_insert_with(|| MsgTemplate::new(&msg_frame(seq, msg), enc))
+            .ws_message(seq)
     }
 
     pub fn conn(&self, id: u64) -> Option<Rc<Conn>> {
@@ -208,10 +208,10 @@ impl Shard {
                     c.on_catch_up(self, entries, caught_up);
                 }
             }
-            Event::Deliver { items } => {
-                for (id, entry) in items {
-                    if let Some(c) = self.conn(id) {
-                        c.on_live(self, &entry);
+            Event::Deliver { msgs, items } => {
+                for live in items {
+                    if let Some(c) = self.conn(live.conn) {
+                        c.on_live(self, &msgs[live.msg], live.seq);
                     }
                 }
             }
@@ -254,7 +254,7 @@ impl Shard {
             } => {
                 if let Some(c) = self.conn(conn.conn) {
                     for e in &entries {
-                        c.push_frame(self, &msg_frame(e));
+                        c.push_frame(self, &msg_frame(e.seq, &e.msg));
                     }
                     c.push_frame(
                         self,
@@ -313,15 +313,15 @@ impl Shard {
 }
 
 /// The `msg` frame of one inbox entry.
-pub fn msg_frame(e: &Entry) -> ServerFrame {
+pub fn msg_frame(seq: u64, msg: &Message) -> ServerFrame {
     ServerFrame::Msg {
-        seq: e.seq,
-        msg_id: e.msg.msg_id,
-        from: e.msg.from.clone(),
-        from_device: e.msg.from_device.clone(),
-        to: e.msg.to.clone(),
-        body: e.msg.body.clone(),
-        ts: e.msg.ts,
+        seq,
+        msg_id: msg.msg_id,
+        from: msg.from.clone(),
+        from_device: msg.from_device.clone(),
+        to: msg.to.clone(),
+        body: msg.body.clone(),
+        ts: msg.ts,
     }
 }
 

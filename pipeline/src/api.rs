@@ -117,6 +117,15 @@ pub enum AdminOp {
 }
 
 /// Events for one gateway endpoint.
+/// One entry of an [`Event::Deliver`] for one connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Live {
+    pub conn: u64,
+    pub seq: u64,
+    /// Index of the message in the event's `msgs`.
+    pub msg: usize,
+}
+
 #[derive(Debug)]
 pub enum Event {
     /// Answer to `Open`: the session is registered. `entries` is the first catch-up
@@ -139,8 +148,14 @@ pub enum Event {
         entries: Vec<Entry>,
         caught_up: bool,
     },
-    /// Live inbox entries for connections of this endpoint, in commit order.
-    Deliver { items: Vec<(u64, Entry)> },
+    /// Live inbox entries for connections of this endpoint, in commit order. A
+    /// message is in `msgs` once however many of the endpoint's connections get it:
+    /// one reference count change per event, not one per recipient (that count's
+    /// cache line is the pipeline thread's too).
+    Deliver {
+        msgs: Vec<Arc<Message>>,
+        items: Vec<Live>,
+    },
     /// Answer to `Send` once the message is durable (or a duplicate).
     SendOk {
         conn: ConnRef,

@@ -19,14 +19,14 @@
 //! Ack cursors are the exception: they are applied at once and logged, because a
 //! cursor only ever moves forward and nothing waits for it to be durable.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
 
 use flare_codec::frame::{ErrorCode, Target};
 
 use crate::api::{
-    AdminOp, AdminReply, ConnRef, DevicePresence, Endpoint, Entry, Event, Message, Request,
+    AdminOp, AdminReply, ConnRef, DevicePresence, Endpoint, Event, Live, Message, Request,
     SessionIds, Stats,
 };
 use crate::config::PipelineConfig;
@@ -34,6 +34,17 @@ use crate::ids::MsgIds;
 use crate::intern::{DeviceId, Interner};
 use crate::record::{Record, MAX_RECORD_BYTES};
 use crate::state::{MemState, Page, State};
+use crate::FastMap;
+
+/// Live entries of a commit by endpoint (the index).
+type Routed = Vec<Routes>;
+
+/// The `Deliver` of one endpoint, being built.
+#[derive(Default)]
+struct Routes {
+    msgs: Vec<Arc<Message>>,
+    items: Vec<Live>,
+}
 
 /// What one entry costs on the wire beyond its body, for page budgets.
 const PAGE_ENTRY_OVERHEAD_BYTES: usize = 256;
@@ -169,9 +180,9 @@ pub struct Engine<S: State = MemState> {
     admin: Endpoint,
     state: S,
     ids: MsgIds,
-    sessions: HashMap<ConnRef, Session>,
+    sessions: FastMap<ConnRef, Session>,
     /// Open sessions per user, one per device; keyed by the state's copy of the user id.
-    online: HashMap<Rc<str>, Online>,
+    online: FastMap<Rc<str>, Online>,
     /// Device ids of sessions.
     devices: Interner,
     pending: Batch,
@@ -214,8 +225,8 @@ impl<S: State> Engine<S> {
             admin,
             state,
             ids: MsgIds::new(&cfg.node_id),
-            sessions: HashMap::new(),
-            online: HashMap::new(),
+            sessions: FastMap::default(),
+            online: FastMap::default(),
             devices: Interner::default(),
             pending: Batch::new(0),
             inflight: None,
@@ -324,7 +335,7 @@ impl<S: State> Engine<S> {
             .inflight
             .take()
             .expect("commit_done needs a sealed batch");
-        let mut deliveries = BTreeMap::new();
+        let mut deliveries = Vec::new();
         for rec in batch.records {
             self.apply(rec, now_ms, Some(&mut deliveries));
         }
@@ -332,8 +343,11 @@ impl<S: State> Engine<S> {
             let out = self.answer(held);
             self.outputs.push_back(out);
         }
-        for (endpoint, items) in deliveries {
-            self.outputs.push_back((endpoint, Event::Deliver { items }));
+        for (endpoint, Routes { msgs, items }) in deliveries.into_iter().enumerate() {
+            if !items.is_empty() {
+                self.outputs
+                    .push_back((endpoint as Endpoint, Event::Deliver { msgs, items }));
+            }
         }
         let id = batch.id;
         self.uncommitted.retain(|_, v| v.2 > id);
@@ -870,9 +884,9 @@ impl<S: State> Engine<S> {
         user: &str,
         msg: &Arc<Message>,
         min_ts: u64,
-        deliveries: Option<&mut BTreeMap<Endpoint, Vec<(u64, Entry)>>>,
+        deliveries: Option<&mut Routed>,
     ) {
-        let entry = self
+        let seq = self
             .state
             .append(user, msg.clone(), self.retention_messages, min_ts);
         let Some(out) = deliveries else {
@@ -880,21 +894,27 @@ impl<S: State> Engine<S> {
         };
         for conn in self.online_conns(user) {
             if self.sessions[conn].live {
-                out.entry(conn.endpoint)
-                    .or_default()
-                    .push((conn.conn, entry.clone()));
+                let e = usize::from(conn.endpoint);
+                if out.len() <= e {
+                    out.resize_with(e + 1, Routes::default);
+                }
+                let routes = &mut out[e];
+                // Consecutive entries of one message (a group's members) share its handle.
+                if !routes.msgs.last().is_some_and(|m| Arc::ptr_eq(m, msg)) {
+                    routes.msgs.push(msg.clone());
+                }
+                routes.items.push(Live {
+                    conn: conn.conn,
+                    seq,
+                    msg: routes.msgs.len() - 1,
+                });
             }
         }
     }
 
     /// Applies a durable record. `deliveries` collects live entries per endpoint;
     /// `None` while replaying.
-    fn apply(
-        &mut self,
-        rec: Record,
-        now_ms: u64,
-        mut deliveries: Option<&mut BTreeMap<Endpoint, Vec<(u64, Entry)>>>,
-    ) {
+    fn apply(&mut self, rec: Record, now_ms: u64, mut deliveries: Option<&mut Routed>) {
         match rec {
             Record::Message { msg, dedup_id } => {
                 self.ids.observe(msg.msg_id);

@@ -30,4 +30,8 @@ pub mod record;
 pub mod state;
 
 pub use config::PipelineConfig;
+
+/// The hash map of the pipeline's hot paths: std's map with aHash, seeded at random per
+/// process like std's SipHash, so keys a client picks cannot be aimed at one bucket.
+pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, ahash::RandomState>;
 pub use embedded::{spawn_embedded, PipelineHandle};

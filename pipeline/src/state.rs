@@ -5,13 +5,14 @@
 //! (Redis) would need the engine to split its decisions around the round trips,
 //! which is a later issue.
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
 
 use crate::api::{Entry, Message};
 use crate::dedup::DedupTable;
 use crate::intern::{DeviceId, Interner};
+use crate::FastMap;
 
 /// A page of inbox entries.
 #[derive(Debug, Default)]
@@ -34,11 +35,11 @@ pub trait State {
     /// so an online user's id is stored once (DESIGN.md §6).
     fn user(&mut self, user: &str) -> Rc<str>;
     /// Appends `msg` to `user`'s inbox with the next `seq`, keeping at most
-    /// `keep` entries, and returns the new entry. Entries accepted before `min_ts`
+    /// `keep` entries, and returns that `seq`. Entries accepted before `min_ts`
     /// are dropped every [`EXPIRE_EVERY_APPENDS`] appends of an inbox (so the hot path
     /// seldom reads an old message): whoever reads an inbox calls
     /// [`expire`](State::expire) first.
-    fn append(&mut self, user: &str, msg: Arc<Message>, keep: usize, min_ts: u64) -> Entry;
+    fn append(&mut self, user: &str, msg: Arc<Message>, keep: usize, min_ts: u64) -> u64;
     /// Drops `user`'s entries accepted before `min_ts` (ms since the Unix epoch).
     fn expire(&mut self, user: &str, min_ts: u64);
     /// At most `limit` retained entries with `seq > after`.
@@ -123,10 +124,10 @@ impl Cursors {
 #[derive(Default)]
 pub struct MemState {
     /// Keyed by the node's one copy of each user id (see [`State::user`]).
-    inboxes: HashMap<Rc<str>, Inbox>,
+    inboxes: FastMap<Rc<str>, Inbox>,
     /// Device ids of ack cursors.
     devices: Interner,
-    groups: HashMap<String, Rc<BTreeSet<String>>>,
+    groups: FastMap<String, Rc<BTreeSet<String>>>,
     dedup: DedupTable,
     entries: u64,
 }
@@ -142,23 +143,22 @@ impl Inbox {
         dropped
     }
 
-    /// See [`State::append`]. Returns the entry and how many entries were dropped.
-    fn push(&mut self, msg: Arc<Message>, keep: usize, min_ts: u64) -> (Entry, u64) {
+    /// See [`State::append`]. Returns the new `seq` and how many entries were dropped.
+    fn push(&mut self, msg: Arc<Message>, keep: usize, min_ts: u64) -> (u64, u64) {
         let mut dropped = 0;
         if (self.head + 1) % EXPIRE_EVERY_APPENDS == 0 {
             dropped += self.expire(min_ts);
         }
         self.head += 1;
-        let entry = Entry {
+        self.entries.push_back(Entry {
             seq: self.head,
             msg,
-        };
-        self.entries.push_back(entry.clone());
+        });
         while self.entries.len() > keep {
             self.entries.pop_front();
             dropped += 1;
         }
-        (entry, dropped)
+        (self.head, dropped)
     }
 }
 
@@ -191,9 +191,9 @@ impl State for MemState {
             .map_or(1, |i| i.entries.front().map_or(i.head + 1, |e| e.seq))
     }
 
-    fn append(&mut self, user: &str, msg: Arc<Message>, keep: usize, min_ts: u64) -> Entry {
+    fn append(&mut self, user: &str, msg: Arc<Message>, keep: usize, min_ts: u64) -> u64 {
         // One lookup for a known user.
-        let (entry, dropped) = match self.inboxes.get_mut(user) {
+        let (seq, dropped) = match self.inboxes.get_mut(user) {
             Some(inbox) => inbox.push(msg, keep, min_ts),
             None => {
                 let mut inbox = Inbox::default();
@@ -203,7 +203,7 @@ impl State for MemState {
             }
         };
         self.entries = self.entries + 1 - dropped;
-        entry
+        seq
     }
 
     fn expire(&mut self, user: &str, min_ts: u64) {
@@ -332,7 +332,7 @@ mod tests {
         s.expire("u", 100);
         assert_eq!(s.first_seq("u"), 11);
         assert_eq!(s.inbox_entries(), 0);
-        assert_eq!(s.append("u", msg(100), 5, 0).seq, 11, "seqs never restart");
+        assert_eq!(s.append("u", msg(100), 5, 0), 11, "seqs never restart");
     }
 
     #[test]
@@ -343,7 +343,7 @@ mod tests {
         }
         assert_eq!(s.inbox_entries(), 63);
         // The 64th append applies `min_ts`: entries accepted before 50 go.
-        assert_eq!(s.append("u", msg(100), 1000, 50).seq, 64);
+        assert_eq!(s.append("u", msg(100), 1000, 50), 64);
         assert_eq!(s.first_seq("u"), 50);
         assert_eq!(s.inbox_entries(), 15);
         // Between those appends the age is not looked at; readers expire first.

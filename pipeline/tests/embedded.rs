@@ -157,7 +157,7 @@ fn messages_are_answered_delivered_and_recovered_after_a_restart() {
             Event::SendOk {
                 id, msg_id, dup, ..
             } => oks.push((id, msg_id, dup)),
-            Event::Deliver { items } => live.extend(items.iter().map(|(c, e)| (*c, e.seq))),
+            Event::Deliver { items, .. } => live.extend(items.iter().map(|l| (l.conn, l.seq))),
             other => panic!("{other:?}"),
         }
     }
@@ -259,8 +259,8 @@ fn a_slow_endpoint_gets_every_event_in_order() {
         std::thread::sleep(Duration::from_micros(200));
         match next(&mut gw.shard_events) {
             Event::SendOk { id, .. } => oks.push(id),
-            Event::Deliver { items } => {
-                bob.extend(items.iter().filter(|(c, _)| *c == 2).map(|(_, e)| e.seq))
+            Event::Deliver { items, .. } => {
+                bob.extend(items.iter().filter(|l| l.conn == 2).map(|l| l.seq))
             }
             other => panic!("{other:?}"),
         }
@@ -338,10 +338,10 @@ fn group_commit_throughput() {
                 assert!(!dup);
                 oks += 1;
             }
-            Event::Deliver { items } => {
-                for (c, e) in items {
-                    assert_eq!(e.seq, seqs[c as usize] + 1, "gap-free per connection");
-                    seqs[c as usize] = e.seq;
+            Event::Deliver { items, .. } => {
+                for l in items {
+                    assert_eq!(l.seq, seqs[l.conn as usize] + 1, "gap-free per connection");
+                    seqs[l.conn as usize] = l.seq;
                 }
             }
             other => panic!("{other:?}"),

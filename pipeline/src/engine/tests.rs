@@ -1,6 +1,7 @@
 //! The engine's rules, stepped with a simulated clock and a simulated log.
 
 use super::*;
+use crate::api::Entry;
 
 const T0: u64 = 1_800_000_000_000;
 const ADMIN: Endpoint = 9;
@@ -143,10 +144,13 @@ fn delivered(out: &Out, c: ConnRef) -> Vec<u64> {
     out.iter()
         .filter(|(ep, _)| *ep == c.endpoint)
         .flat_map(|(_, ev)| match ev {
-            Event::Deliver { items } => items
+            Event::Deliver { msgs, items } => items
                 .iter()
-                .filter(|(id, _)| *id == c.conn)
-                .map(|(_, e)| e.seq)
+                .filter(|l| l.conn == c.conn)
+                .map(|l| {
+                    assert!(l.msg < msgs.len(), "an item names a message of its event");
+                    l.seq
+                })
                 .collect(),
             _ => Vec::new(),
         })
@@ -263,6 +267,11 @@ fn group_messages_fan_out_to_every_member_and_device() {
         1,
         "both connections of endpoint 1 in one Deliver"
     );
+    let (_, Event::Deliver { msgs, items }) = ep1[0] else {
+        unreachable!("filtered on Deliver")
+    };
+    assert_eq!(msgs.len(), 1, "the group message is in the event once");
+    assert!(items.iter().all(|l| l.msg == 0));
     assert_eq!(
         s.e.state().head("c"),
         1,
@@ -454,12 +463,9 @@ fn seen_by(out: &Out, c: ConnRef) -> (Vec<u64>, Option<bool>) {
                 seen.extend(seqs(entries));
                 caught_up = Some(*cu);
             }
-            Event::Deliver { items } => seen.extend(
-                items
-                    .iter()
-                    .filter(|(id, _)| *id == c.conn)
-                    .map(|(_, e)| e.seq),
-            ),
+            Event::Deliver { items, .. } => {
+                seen.extend(items.iter().filter(|l| l.conn == c.conn).map(|l| l.seq))
+            }
             _ => {}
         }
     }
