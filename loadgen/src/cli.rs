@@ -182,6 +182,12 @@ pub struct FanoutArgs {
     /// The admin API's bearer token.
     #[arg(long, env = "FLARE_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// raw-ws only: publish each message as an HTTP `POST <URL>/<room>` (nchan's
+    /// publisher endpoint, e.g. http://127.0.0.1:8081/pub) instead of writing it to the
+    /// publisher's WebSocket. A 2xx answer acknowledges the message; its latency is
+    /// reported as the send_ok latency.
+    #[arg(long, value_name = "URL")]
+    pub publish_url: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -214,9 +220,18 @@ pub struct WsUrl {
 }
 
 pub fn parse_ws_url(url: &str) -> Result<WsUrl, String> {
+    parse_url(url, "ws://")
+}
+
+/// An `http://host:port/path` URL, resolved.
+pub fn parse_http_url(url: &str) -> Result<WsUrl, String> {
+    parse_url(url, "http://")
+}
+
+fn parse_url(url: &str, scheme: &str) -> Result<WsUrl, String> {
     let rest = url
-        .strip_prefix("ws://")
-        .ok_or_else(|| format!("`{url}`: only ws:// URLs are supported"))?;
+        .strip_prefix(scheme)
+        .ok_or_else(|| format!("`{url}`: only {scheme} URLs are supported here"))?;
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
@@ -283,6 +298,9 @@ mod tests {
         assert_eq!((u.addr.port(), u.path.as_str()), (80, "/"));
         assert!(parse_ws_url("http://127.0.0.1/ws").is_err());
         assert!(parse_ws_url("ws:///ws").is_err());
+        let u = parse_http_url("http://127.0.0.1:8081/pub").unwrap();
+        assert_eq!((u.addr.port(), u.path.as_str()), (8081, "/pub"));
+        assert!(parse_http_url("ws://127.0.0.1:8081/pub").is_err());
         let (a, h) = parse_http_base("http://127.0.0.1:9090/").unwrap();
         assert_eq!((a.port(), h.as_str()), (9090, "127.0.0.1:9090"));
     }

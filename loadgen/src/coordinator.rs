@@ -114,6 +114,15 @@ pub fn config(cli: &Cli) -> Result<RunConfig, String> {
             if a.publishers > a.members {
                 return Err("fanout: --publishers cannot exceed --members".into());
             }
+            if let Some(url) = &a.publish_url {
+                if c.target != TargetKind::RawWs {
+                    return Err(
+                        "--publish-url is for --target raw-ws: Flare's messages go over the WebSocket"
+                            .into(),
+                    );
+                }
+                cli::parse_http_url(url).map_err(|e| format!("--publish-url: {e}"))?;
+            }
         }
         Scenario::Churn(a) => {
             if a.rate <= 0.0 {

@@ -29,6 +29,7 @@ pub mod clock;
 pub mod conn;
 pub mod coordinator;
 pub mod hist;
+pub mod http_pub;
 pub mod proto;
 pub mod raw;
 pub mod report;

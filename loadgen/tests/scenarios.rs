@@ -373,6 +373,57 @@ fn raw_ws_chat_and_fanout_deliver_every_message_through_rooms() {
     assert_eq!((i.missing_deliveries, i.violations), (0, 0), "{i:?}");
 }
 
+/// nchan's way: members listen on WebSockets, publishers POST over HTTP, and a 2xx
+/// answer is the acknowledgement.
+#[test]
+fn raw_ws_fanout_publishes_over_http() {
+    let _g = serial();
+    let rooms = RoomServer::start();
+    let url = rooms.url();
+    let publish = rooms.publish_url();
+    let fanout = |publish_url: &str| {
+        loadgen(&[
+            "--target",
+            "raw-ws",
+            "--url",
+            &url,
+            "--threads",
+            "2",
+            "fanout",
+            "--members",
+            "10",
+            "--publishers",
+            "2",
+            "--rate",
+            "40",
+            "--duration",
+            "1s",
+            "--publish-url",
+            publish_url,
+        ])
+    };
+    let run = fanout(&publish);
+    let r = run.report(None);
+    assert_eq!(run.code, 0, "{}", run.describe());
+    let m = r.messages.as_ref().expect("messages");
+    assert_eq!(
+        (m.scheduled, m.sent, m.acked),
+        (40, 40, 40),
+        "{}",
+        run.describe()
+    );
+    assert_eq!(m.send_ok_latency.count, 40, "every answer timed");
+    assert_eq!((m.deliveries_expected, m.deliveries_unique), (400, 400));
+    let i = r.integrity.as_ref().expect("integrity");
+    assert_eq!((i.missing_deliveries, i.violations), (0, 0), "{i:?}");
+
+    // A path the server does not publish on: every answer is an error, by status.
+    let run = fanout(&format!("http://{}/nope", rooms.http_addr));
+    assert_eq!(run.code, 1, "{}", run.describe());
+    let m = run.report(None).messages.as_ref().expect("messages");
+    assert_eq!((m.acked, m.errors.get("http_404").copied()), (0, Some(40)));
+}
+
 #[test]
 fn raw_ws_connect_sums_the_memory_of_every_server_pid() {
     let _g = serial();

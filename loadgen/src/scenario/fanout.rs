@@ -7,7 +7,9 @@
 //! and the coordinator compares the distinct deliveries with acked x M at the end.
 //!
 //! Against a raw-ws room server the group is one room that every member joins, and a
-//! message written to the socket counts as acknowledged (see `raw`).
+//! message written to the socket counts as acknowledged (see `raw`). With
+//! `--publish-url` publishers POST their messages over HTTP instead (`http_pub`), and
+//! a 2xx answer acknowledges one.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -16,9 +18,11 @@ use std::time::Duration;
 
 use super::{spawn_heartbeat, Pool};
 use crate::check::{Checker, InboxSeq, Receipt, SeqSummary};
+use crate::cli::parse_http_url;
 use crate::cli::FanoutArgs;
 use crate::clock::mono_ns;
 use crate::conn::{Conn, Handler};
+use crate::http_pub::{Answer, HttpPublisher};
 use crate::proto::{message_body, parse_body, Incoming, Outgoing, To};
 use crate::raw;
 use crate::report::{MsgStats, WorkerResult};
@@ -163,6 +167,20 @@ pub async fn run(w: Rc<Worker>, args: &FanoutArgs) -> WorkerResult {
     pool.open_all(&fan, &conns, &users, |_| group.clone(), &globals)
         .await;
 
+    // HTTP publishers, one per local publisher, connected before the run starts.
+    let http = match (&args.publish_url, fan.raw) {
+        (Some(url), true) => Some(
+            http_publishers(
+                &fan,
+                &w,
+                url,
+                globals.iter().filter(|&&g| g < publishers).count(),
+            )
+            .await,
+        ),
+        _ => None,
+    };
+
     let t0 = w.ready_and_wait_go().await;
     let end = t0 + cfg.common.duration.as_nanos() as u64;
     // Local publishers: local connections whose global member number is < publishers.
@@ -179,7 +197,8 @@ pub async fn run(w: Rc<Worker>, args: &FanoutArgs) -> WorkerResult {
         while let Some(next) = sched.next_due_ns() {
             timer.sleep_until(next).await;
             while let Some(t) = sched.pop_due(mono_ns()) {
-                let k = local_pubs[(t.index % npubs) as usize];
+                let slot = (t.index % npubs) as usize;
+                let k = local_pubs[slot];
                 let seq = t.index / npubs;
                 Progress::add(&progress.scheduled, 1);
                 let mut st = fan.state.borrow_mut();
@@ -193,7 +212,13 @@ pub async fn run(w: Rc<Worker>, args: &FanoutArgs) -> WorkerResult {
                 }
                 drop(st);
                 message_body(seq, t.scheduled_ns, args.body_bytes, &mut body);
-                let ok = if fan.raw {
+                let ok = if let Some(http) = &http {
+                    raw::encode(&users[k], &body, &mut text);
+                    match &http[slot] {
+                        Some((p, _)) => p.publish(&group, &text, t.scheduled_ns),
+                        None => false,
+                    }
+                } else if fan.raw {
                     raw::encode(&users[k], &body, &mut text);
                     conns[k].send_text(&text)
                 } else {
@@ -212,7 +237,7 @@ pub async fn run(w: Rc<Worker>, args: &FanoutArgs) -> WorkerResult {
                         .send_lag
                         .record(mono_ns().saturating_sub(t.scheduled_ns));
                     Progress::add(&progress.sent, 1);
-                    if fan.raw {
+                    if fan.raw && http.is_none() {
                         // Nothing acknowledges a room message: written is acknowledged.
                         st.msgs.acked += 1;
                         Progress::add(&progress.acked, 1);
@@ -228,12 +253,27 @@ pub async fn run(w: Rc<Worker>, args: &FanoutArgs) -> WorkerResult {
     // Local drain: every sent message acknowledged or refused. Deliveries are waited
     // for by the coordinator, which sees every worker's acks.
     let deadline = run_end + cfg.common.drain_timeout.as_nanos() as u64;
-    while mono_ns() < deadline && !fan.state.borrow().pending.is_empty() {
+    let unanswered = |http: &Option<Vec<_>>| -> usize {
+        http.iter()
+            .flatten()
+            .flatten()
+            .map(|(p, _): &(Rc<HttpPublisher>, _)| p.unanswered())
+            .sum()
+    };
+    while mono_ns() < deadline && (!fan.state.borrow().pending.is_empty() || unanswered(&http) > 0)
+    {
         monoio::time::sleep(Duration::from_millis(2)).await;
     }
     {
         let mut st = fan.state.borrow_mut();
-        st.msgs.unacked = st.pending.len() as u64;
+        st.msgs.unacked = (st.pending.len() + unanswered(&http)) as u64;
+    }
+    for (p, task) in http.into_iter().flatten().flatten() {
+        p.close();
+        // A publisher still waiting for answers after the drain ends with its socket.
+        if p.unanswered() == 0 {
+            task.await;
+        }
     }
     w.done_and_wait_stop().await;
     stop_heartbeat.set(true);
@@ -252,4 +292,61 @@ pub async fn run(w: Rc<Worker>, args: &FanoutArgs) -> WorkerResult {
         run_end_ns: Some(run_end),
         ..Default::default()
     }
+}
+
+/// Connects one HTTP publisher per local publisher (`None` where connecting failed,
+/// counted as a setup failure) and starts its task, which reports answers to `fan`.
+async fn http_publishers(
+    fan: &Rc<Fanout>,
+    w: &Rc<Worker>,
+    url: &str,
+    n: usize,
+) -> Vec<Option<(Rc<HttpPublisher>, monoio::task::JoinHandle<()>)>> {
+    // Checked by the coordinator before any worker started.
+    let url = parse_http_url(url).expect("--publish-url was validated");
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        match HttpPublisher::connect(&url).await {
+            Ok((p, stream)) => {
+                let (fan, w, task_p) = (fan.clone(), w.clone(), p.clone());
+                let task = monoio::spawn(async move {
+                    let broke = task_p
+                        .run(stream, |a: Answer| {
+                            let progress = w.progress();
+                            let mut st = fan.state.borrow_mut();
+                            if (200..300).contains(&a.status) {
+                                st.msgs.acked += 1;
+                                Progress::add(&progress.acked, 1);
+                                st.msgs
+                                    .send_ok_latency
+                                    .record(mono_ns().saturating_sub(a.scheduled_ns));
+                            } else {
+                                count(&mut st.msgs.errors, &format!("http_{}", a.status));
+                                Progress::add(&progress.errors, 1);
+                            }
+                        })
+                        .await;
+                    if let Some(reason) = broke {
+                        let mut stats = fan.pool.stats.borrow_mut();
+                        *stats
+                            .dropped
+                            .entry(format!("publisher_{reason}"))
+                            .or_default() += 1;
+                    }
+                });
+                out.push(Some((p, task)));
+            }
+            Err(e) => {
+                let reason = format!("publisher_{}", crate::conn::io_reason(&e));
+                *fan.pool
+                    .stats
+                    .borrow_mut()
+                    .failed
+                    .entry(reason)
+                    .or_default() += 1;
+                out.push(None);
+            }
+        }
+    }
+    out
 }
