@@ -254,7 +254,8 @@ fn mask() -> [u8; 4] {
     (rand_u64() as u32).to_ne_bytes()
 }
 
-fn raw_send(fd: RawFd, bytes: &[u8]) -> io::Result<usize> {
+/// One non-blocking `send(2)` (retried on EINTR).
+pub(crate) fn raw_send(fd: RawFd, bytes: &[u8]) -> io::Result<usize> {
     loop {
         // SAFETY: `bytes` is a live slice of the given length; send(2) only reads it.
         let n = unsafe {

@@ -17,7 +17,7 @@ use std::rc::Rc;
 use monoio::net::TcpStream;
 
 use crate::cli::WsUrl;
-use crate::conn::Notify;
+use crate::conn::{raw_send as send, Notify};
 
 /// Largest answer head or body we accept.
 const ANSWER_MAX: usize = 64 * 1024;
@@ -66,6 +66,15 @@ impl HttpPublisher {
     /// Requests not answered yet.
     pub fn unanswered(&self) -> usize {
         self.pending.borrow().len()
+    }
+
+    /// Requests an answer may still come for: none once the connection broke.
+    pub fn awaited(&self) -> usize {
+        if self.broken.get() {
+            0
+        } else {
+            self.unanswered()
+        }
     }
 
     /// Sends `POST <path>/<room>` with `body`. False when the connection is broken.
@@ -210,27 +219,6 @@ impl HttpPublisher {
                     status,
                 });
             }
-        }
-    }
-}
-
-fn send(fd: RawFd, bytes: &[u8]) -> io::Result<usize> {
-    loop {
-        // SAFETY: `bytes` is a live slice of the given length; send(2) only reads it.
-        let n = unsafe {
-            libc::send(
-                fd,
-                bytes.as_ptr().cast(),
-                bytes.len(),
-                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-            )
-        };
-        if n >= 0 {
-            return Ok(n as usize);
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
         }
     }
 }

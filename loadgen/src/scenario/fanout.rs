@@ -253,20 +253,21 @@ pub async fn run(w: Rc<Worker>, args: &FanoutArgs) -> WorkerResult {
     // Local drain: every sent message acknowledged or refused. Deliveries are waited
     // for by the coordinator, which sees every worker's acks.
     let deadline = run_end + cfg.common.drain_timeout.as_nanos() as u64;
-    let unanswered = |http: &Option<Vec<_>>| -> usize {
+    let total = |http: &Option<Vec<_>>, count: fn(&HttpPublisher) -> usize| -> usize {
         http.iter()
             .flatten()
             .flatten()
-            .map(|(p, _): &(Rc<HttpPublisher>, _)| p.unanswered())
+            .map(|(p, _): &(Rc<HttpPublisher>, _)| count(p))
             .sum()
     };
-    while mono_ns() < deadline && (!fan.state.borrow().pending.is_empty() || unanswered(&http) > 0)
+    while mono_ns() < deadline
+        && (!fan.state.borrow().pending.is_empty() || total(&http, HttpPublisher::awaited) > 0)
     {
         monoio::time::sleep(Duration::from_millis(2)).await;
     }
     {
         let mut st = fan.state.borrow_mut();
-        st.msgs.unacked = (st.pending.len() + unanswered(&http)) as u64;
+        st.msgs.unacked = (st.pending.len() + total(&http, HttpPublisher::unanswered)) as u64;
     }
     for (p, task) in http.into_iter().flatten().flatten() {
         p.close();
