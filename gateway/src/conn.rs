@@ -13,7 +13,6 @@
 //! the `an_idle_connection_is_small` test holds the first two to their sizes.
 
 use std::cell::{Cell, RefCell};
-use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
@@ -38,8 +37,10 @@ const BAD_FRAMES_MAX: u8 = 10;
 /// How long a closing connection may take to flush and say goodbye.
 const CLOSE_FLUSH_MS: u64 = 2_000;
 const CLOSE_LINGER_MS: u64 = 1_000;
-/// iovecs handed to one `sendmsg`.
-const IOV_MAX: usize = 64;
+/// Once this many bytes of a connection's queue are written, and they are at least half
+/// of it, the unwritten rest moves to the front (a reader that never quite catches up
+/// would otherwise grow the queue's buffer without end).
+const COMPACT_AFTER_BYTES: usize = 64 << 10;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
@@ -71,15 +72,52 @@ enum Partial {
     Frame(WsDecoder),
 }
 
-/// Frames waiting for the socket, in order. Allocated when a frame is queued and freed
-/// once the last byte is written: an idle connection holds no queue.
+/// Bytes waiting for the socket, in order, in one buffer: the HTTP upgrade answer, then
+/// whole WebSocket messages, each written straight into it (no allocation per message,
+/// one `send` for all of them). Allocated when something is queued and freed once the
+/// last byte is written: an idle connection holds no queue.
 #[derive(Default)]
 struct Outbound {
-    frames: VecDeque<Vec<u8>>,
-    /// Sum of the lengths of `frames`, less `front_written`.
-    bytes: usize,
-    /// Bytes of `frames.front()` already written.
-    front_written: usize,
+    buf: Vec<u8>,
+    /// `buf[..written]` is on the wire.
+    written: usize,
+    /// A boundary not to cut before: `buf[..unit_end]` is the HTTP answer or messages
+    /// written at least in part, and `buf[unit_end..]` is whole messages.
+    unit_end: usize,
+}
+
+impl Outbound {
+    fn queued(&self) -> usize {
+        self.buf.len() - self.written
+    }
+
+    /// Moves `unit_end` over the messages written so far, to the end of the one that
+    /// is partly written, if any.
+    fn settle(&mut self) {
+        while self.unit_end < self.written {
+            let len = ws::unmasked_frame_len(&self.buf[self.unit_end..])
+                .expect("the queue after `unit_end` is whole frames");
+            self.unit_end += len;
+        }
+    }
+
+    /// Drops what is not written yet, except the rest of a message partly written:
+    /// a half-sent frame would garble the stream.
+    fn drop_unwritten(&mut self) {
+        self.settle();
+        self.buf.truncate(self.unit_end);
+    }
+
+    /// Counts `n` more bytes as written.
+    fn wrote(&mut self, n: usize) {
+        self.written += n;
+        if self.written >= COMPACT_AFTER_BYTES && self.written * 2 >= self.buf.len() {
+            self.settle();
+            self.buf.drain(..self.written);
+            self.unit_end -= self.written;
+            self.written = 0;
+        }
+    }
 }
 
 /// Where a session is in getting its inbox.
@@ -403,39 +441,28 @@ impl Conn {
         }
     }
 
-    /// One non-blocking `sendmsg` round. Returns true when the queue is empty (and
-    /// then frees it).
+    /// Writes what is queued until the socket is full. Returns true when the queue is
+    /// empty (and then frees it).
     fn write_some(&self, shard: &Shard) -> io::Result<bool> {
         let mut st = self.st.borrow_mut();
         loop {
             let Some(out) = st.out.as_deref_mut() else {
                 return Ok(true);
             };
-            if out.frames.is_empty() {
+            if out.queued() == 0 {
                 st.out = None;
                 return Ok(true);
             }
-            let mut iov: [libc::iovec; IOV_MAX] = [libc::iovec {
-                iov_base: std::ptr::null_mut(),
-                iov_len: 0,
-            }; IOV_MAX];
-            let mut count = 0;
-            for (i, frame) in out.frames.iter().take(IOV_MAX).enumerate() {
-                let skip = if i == 0 { out.front_written } else { 0 };
-                iov[i] = libc::iovec {
-                    iov_base: frame[skip..].as_ptr() as *mut libc::c_void,
-                    iov_len: frame.len() - skip,
-                };
-                count += 1;
-            }
-            // SAFETY: an all-zero msghdr is valid; we point it at `count` iovecs that
-            // borrow frames of `out`, which stays borrowed and unchanged until
-            // sendmsg returns.
+            let rest = &out.buf[out.written..];
+            // SAFETY: `rest` borrows `out.buf`, which stays borrowed and unchanged until
+            // send returns.
             let n = unsafe {
-                let mut msg: libc::msghdr = std::mem::zeroed();
-                msg.msg_iov = iov.as_mut_ptr();
-                msg.msg_iovlen = count as _;
-                libc::sendmsg(self.fd(), &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+                libc::send(
+                    self.fd(),
+                    rest.as_ptr().cast(),
+                    rest.len(),
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                )
             };
             if n < 0 {
                 let e = io::Error::last_os_error();
@@ -445,30 +472,17 @@ impl Conn {
                     _ => Err(e),
                 };
             }
-            let mut n = n as usize;
             ShardMetrics::add(&shard.metrics.bytes_out, n as u64);
-            out.bytes -= n;
-            while n > 0 {
-                let front_left =
-                    out.frames.front().map(|f| f.len()).unwrap_or(0) - out.front_written;
-                if n >= front_left {
-                    n -= front_left;
-                    out.frames.pop_front();
-                    out.front_written = 0;
-                } else {
-                    out.front_written += n;
-                    n = 0;
-                }
-            }
+            out.wrote(n as usize);
         }
     }
 
     /// Flushes, sends the close frame, half-closes, and lingers briefly for the peer.
     async fn finish(&self, shard: &Shard, close: Close) {
         if let Close::Ws(code, reason) = close {
-            let mut frame = Vec::with_capacity(2 + reason.len() + 4);
-            ws::close(code, reason, &mut frame);
-            self.st.borrow_mut().push_raw(frame);
+            let mut st = self.st.borrow_mut();
+            let out = st.out.get_or_insert_with(Box::default);
+            ws::close(code, reason, &mut out.buf);
         }
         let flushed = monoio::time::timeout(Duration::from_millis(CLOSE_FLUSH_MS), async {
             loop {
@@ -607,8 +621,8 @@ impl Conn {
             return;
         }
         st.delivered = seq;
-        let bytes = shard.live_msg_bytes(msg, seq, st.enc);
-        st.push_bytes(shard, bytes);
+        let enc = st.enc;
+        st.push_with(shard, |buf| shard.write_live_msg(msg, seq, enc, buf));
         drop(st);
         self.wake();
     }
@@ -679,37 +693,40 @@ impl ConnState {
             ShardMetrics::inc(&shard.metrics.errors_sent);
         }
         let bytes = ws_message(frame, self.enc);
-        self.push_bytes(shard, bytes);
+        self.push_bytes(shard, &bytes);
     }
 
-    fn push_bytes(&mut self, shard: &Shard, bytes: Vec<u8>) {
+    fn push_bytes(&mut self, shard: &Shard, bytes: &[u8]) {
+        self.push_with(shard, |buf| buf.extend_from_slice(bytes));
+    }
+
+    /// Queues the one WebSocket message `write` appends. If the queue would pass
+    /// `outbound_bytes_max`, the message is not queued: the connection is a slow
+    /// consumer and closes with 4008.
+    fn push_with(&mut self, shard: &Shard, write: impl FnOnce(&mut Vec<u8>)) {
         if self.close.is_some() {
             return;
         }
-        let queued = self.out.as_ref().map_or(0, |o| o.bytes);
-        if queued + bytes.len() > shard.limits.outbound_bytes_max {
+        let out = self.out.get_or_insert_with(Box::default);
+        let before = out.buf.len();
+        write(&mut out.buf);
+        if out.queued() > shard.limits.outbound_bytes_max {
             // Slow consumer: drop what it has not read (but never half a frame) and close.
+            out.buf.truncate(before);
+            out.drop_unwritten();
             ShardMetrics::inc(&shard.metrics.slow_consumer_closes);
-            if let Some(out) = self.out.as_deref_mut() {
-                let keep = usize::from(out.front_written > 0);
-                while out.frames.len() > keep {
-                    let f = out.frames.pop_back().expect("len checked");
-                    out.bytes -= f.len();
-                }
-            }
             self.close = Some(Box::new(Close::Ws(4008, "slow consumer")));
             return;
         }
         ShardMetrics::inc(&shard.metrics.frames_out);
-        self.push_raw(bytes);
     }
 
-    /// Queues bytes without the checks of [`push_bytes`](Self::push_bytes): for the
-    /// upgrade answer, and for the close frame once the close is requested.
-    fn push_raw(&mut self, bytes: Vec<u8>) {
+    /// Queues the HTTP answer to the upgrade request, the first bytes of a connection.
+    fn push_http(&mut self, answer: &[u8]) {
         let out = self.out.get_or_insert_with(Box::default);
-        out.bytes += bytes.len();
-        out.frames.push_back(bytes);
+        debug_assert!(out.buf.is_empty(), "the HTTP answer comes first");
+        out.buf.extend_from_slice(answer);
+        out.unit_end = out.buf.len();
     }
 
     fn error(&mut self, shard: &Shard, code: ErrorCode, message: &str, id: Option<String>) {
@@ -772,7 +789,7 @@ impl ConnState {
             Ok(Decoded::Complete { value, consumed }) => match value.accept() {
                 Ok(accepted) => {
                     self.enc = accepted.encoding;
-                    self.push_raw(accepted.response);
+                    self.push_http(&accepted.response);
                     self.phase = Phase::AwaitAuth;
                     Some(consumed)
                 }
@@ -789,7 +806,7 @@ impl ConnState {
     }
 
     fn http_error(&mut self, e: ws::HandshakeError) {
-        self.push_raw(e.response());
+        self.push_http(&e.response());
         self.close = Some(Box::new(Close::Raw));
     }
 
@@ -820,9 +837,7 @@ impl ConnState {
     fn on_event(&mut self, shard: &Shard, id: u64, ev: WsEvent) {
         match ev {
             WsEvent::Ping(payload) => {
-                let mut out = Vec::with_capacity(payload.len() + 2);
-                ws::pong(&payload, &mut out);
-                self.push_bytes(shard, out);
+                self.push_with(shard, |buf| ws::pong(&payload, buf));
             }
             WsEvent::Pong(_) => {}
             WsEvent::Close { code, .. } => {
@@ -1093,6 +1108,51 @@ mod tests {
         assert_eq!(rc, 0, "setsockopt: {}", io::Error::last_os_error());
     }
 
+    /// The queue cuts only between messages: after the HTTP answer, after the message
+    /// being written, and it keeps that through compaction.
+    #[test]
+    fn the_outbound_queue_cuts_only_between_messages() {
+        let answer = b"HTTP/1.1 101 Switching Protocols\r\n\r\n";
+        let message = |n: usize, byte: u8| {
+            let mut m = Vec::new();
+            ws::binary(&vec![byte; n], &mut m);
+            m
+        };
+        let (small, big) = (message(100, 1), message(70_000, 2));
+        let mut out = Outbound::default();
+        out.buf.extend_from_slice(answer);
+        out.unit_end = out.buf.len();
+        out.buf.extend_from_slice(&small);
+        out.buf.extend_from_slice(&small);
+        // Part of the answer written: only the answer stays.
+        out.wrote(5);
+        out.drop_unwritten();
+        assert_eq!(out.buf, answer);
+
+        out.buf.extend_from_slice(&small);
+        out.buf.extend_from_slice(&big);
+        out.buf.extend_from_slice(&small);
+        // The answer, the first message and part of the big one written: the big one's
+        // rest stays, the last message goes.
+        out.wrote(answer.len() - 5 + small.len() + 10);
+        out.drop_unwritten();
+        assert_eq!(out.buf.len(), answer.len() + small.len() + big.len());
+        assert_eq!(out.queued(), big.len() - 10);
+
+        // Written past COMPACT_AFTER_BYTES and half the buffer: the written part goes,
+        // and a later cut still lands at the end of the message being written.
+        out.buf.extend_from_slice(&small);
+        let big_end = answer.len() + small.len() + big.len();
+        let at = out.written + 66_000;
+        assert!(at >= COMPACT_AFTER_BYTES && at < big_end);
+        out.wrote(66_000);
+        assert_eq!(out.written, 0, "compacted");
+        assert_eq!(out.buf.len(), big_end - at + small.len());
+        out.drop_unwritten();
+        assert_eq!(out.buf.len(), big_end - at);
+        assert!(out.buf.iter().all(|&b| b == 2));
+    }
+
     /// A close requested while the peer reads nothing goes to `finish` (which flushes
     /// with a deadline) instead of waiting for the queue to drain.
     #[test]
@@ -1108,7 +1168,7 @@ mod tests {
             set_buffer(peer.as_raw_fd(), libc::SO_RCVBUF, 4096);
             let conn = Conn::accept(&shard, stream).expect("accept");
             set_buffer(conn.fd(), libc::SO_SNDBUF, 4096);
-            conn.st.borrow_mut().push_raw(vec![0; 4 << 20]);
+            conn.st.borrow_mut().push_http(&vec![0; 4 << 20]);
             assert!(
                 !conn.write_some(&shard).expect("write"),
                 "the peer reads nothing"

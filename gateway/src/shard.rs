@@ -105,10 +105,10 @@ impl Shard {
         }
     }
 
-    /// The WebSocket message of a live `msg` frame of `msg` at `seq` in `enc`. The
-    /// frame is encoded once per message and encoding, and each recipient's `seq`
-    /// written into a copy (DESIGN.md §4).
-    pub fn live_msg_bytes(&self, msg: &Arc<Message>, seq: u64, enc: Encoding) -> Vec<u8> {
+    /// Appends to `out` the WebSocket message of a live `msg` frame of `msg` at `seq`
+    /// in `enc`. The frame is encoded once per message and encoding, and each
+    /// recipient's `seq` written into its copy (DESIGN.md §4).
+    pub fn write_live_msg(&self, msg: &Arc<Message>, seq: u64, enc: Encoding, out: &mut Vec<u8>) {
         let mut cache = self.live_msg.borrow_mut();
         let live = match &mut *cache {
             Some(live) if Arc::ptr_eq(&live.msg, msg) => live,
@@ -123,7 +123,7 @@ impl Shard {
         };
         live.templates[i]
             .get_or_insert_with(|| MsgTemplate::new(&msg_frame(seq, msg), enc))
-            .ws_message(seq)
+            .write_ws_message(seq, out);
     }
 
     pub fn conn(&self, id: u64) -> Option<Rc<Conn>> {

@@ -107,26 +107,32 @@ impl MsgTemplate {
 
     /// The whole WebSocket message (header and payload) of the frame with `seq`.
     pub fn ws_message(&self, seq: u64) -> Vec<u8> {
+        let mut out = Vec::with_capacity(ws::MAX_FRAME_HEADER_BYTES + self.bytes.len() + 20);
+        self.write_ws_message(seq, &mut out);
+        out
+    }
+
+    /// Appends the whole WebSocket message of the frame with `seq` to `out`, such as a
+    /// connection's queue of bytes for its socket.
+    pub fn write_ws_message(&self, seq: u64, out: &mut Vec<u8>) {
         match self.enc {
             Encoding::Json => {
                 let mut buf = [0u8; 20];
                 let digits = decimal(seq, &mut buf);
                 let len = self.bytes.len() + digits.len();
-                let mut out = Vec::with_capacity(ws::MAX_FRAME_HEADER_BYTES + len);
-                ws::encode_header(Opcode::Text, true, len, None, &mut out);
+                out.reserve(ws::MAX_FRAME_HEADER_BYTES + len);
+                ws::encode_header(Opcode::Text, true, len, None, out);
                 out.extend_from_slice(&self.bytes[..self.at]);
                 out.extend_from_slice(digits);
                 out.extend_from_slice(&self.bytes[self.at..]);
-                out
             }
             Encoding::Rkyv => {
                 let len = self.bytes.len();
-                let mut out = Vec::with_capacity(ws::MAX_FRAME_HEADER_BYTES + len);
-                ws::encode_header(Opcode::Binary, true, len, None, &mut out);
+                out.reserve(ws::MAX_FRAME_HEADER_BYTES + len);
+                ws::encode_header(Opcode::Binary, true, len, None, out);
                 let at = out.len() + self.at;
                 out.extend_from_slice(&self.bytes);
                 out[at..at + 8].copy_from_slice(&seq.to_le_bytes());
-                out
             }
         }
     }
@@ -194,6 +200,11 @@ mod tests {
                         };
                         ws::encode_frame(op, &payload, &mut whole);
                         assert_eq!(wire, whole, "{enc:?} seq {seq}");
+                        // Appended after other bytes: the same message, the bytes kept.
+                        let mut queue = vec![1, 2, 3];
+                        t.write_ws_message(seq, &mut queue);
+                        assert_eq!(queue[..3], [1, 2, 3]);
+                        assert_eq!(queue[3..], whole[..], "{enc:?} seq {seq}");
                     }
                 }
             }

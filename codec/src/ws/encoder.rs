@@ -65,6 +65,25 @@ pub fn encode_header(
     }
 }
 
+/// The length, header included, of the unmasked frame that starts at `bytes[0]` (a frame
+/// this side encoded), or `None` while its header is incomplete. For cutting a queue of
+/// encoded frames at a frame boundary.
+pub fn unmasked_frame_len(bytes: &[u8]) -> Option<usize> {
+    let len7 = usize::from(*bytes.get(1)? & 0x7f);
+    let (header, payload): (usize, usize) = match len7 {
+        126 => (
+            4,
+            usize::from(u16::from_be_bytes(bytes.get(2..4)?.try_into().ok()?)),
+        ),
+        127 => {
+            let len = u64::from_be_bytes(bytes.get(2..10)?.try_into().ok()?);
+            (10, usize::try_from(len).ok()?)
+        }
+        n => (2, n),
+    };
+    header.checked_add(payload)
+}
+
 /// Appends one whole server frame (FIN set, unmasked).
 ///
 /// # Panics

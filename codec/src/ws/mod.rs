@@ -14,8 +14,8 @@ pub mod handshake;
 
 pub use decoder::{Role, WsDecoder, WsError, WsEvent};
 pub use encoder::{
-    binary, close, encode_client_frame, encode_frame, encode_header, ping, pong, text, Opcode,
-    MAX_CONTROL_PAYLOAD, MAX_FRAME_HEADER_BYTES,
+    binary, close, encode_client_frame, encode_frame, encode_header, ping, pong, text,
+    unmasked_frame_len, Opcode, MAX_CONTROL_PAYLOAD, MAX_FRAME_HEADER_BYTES,
 };
 pub use handshake::{
     accept_key, accept_response, choose_encoding, client_request, error_response, parse_upgrade,
