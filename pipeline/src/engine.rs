@@ -888,7 +888,7 @@ impl<S: State> Engine<S> {
     ) {
         let seq = self
             .state
-            .append(user, msg.clone(), self.retention_messages, min_ts);
+            .append(user, msg, self.retention_messages, min_ts);
         let Some(out) = deliveries else {
             return;
         };

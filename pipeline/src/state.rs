@@ -39,7 +39,7 @@ pub trait State {
     /// are dropped every [`EXPIRE_EVERY_APPENDS`] appends of an inbox (so the hot path
     /// seldom reads an old message): whoever reads an inbox calls
     /// [`expire`](State::expire) first.
-    fn append(&mut self, user: &str, msg: Arc<Message>, keep: usize, min_ts: u64) -> u64;
+    fn append(&mut self, user: &str, msg: &Arc<Message>, keep: usize, min_ts: u64) -> u64;
     /// Drops `user`'s entries accepted before `min_ts` (ms since the Unix epoch).
     fn expire(&mut self, user: &str, min_ts: u64);
     /// At most `limit` retained entries with `seq > after`.
@@ -79,7 +79,9 @@ pub const EXPIRE_EVERY_APPENDS: u64 = 64;
 #[derive(Default)]
 struct Inbox {
     head: u64,
-    entries: VecDeque<Entry>,
+    /// The retained messages, oldest first. Their seqs are contiguous, so entry `i` is
+    /// at `head + 1 - len + i` and no seq is stored.
+    entries: VecDeque<Stored>,
     cursors: Cursors,
     // Boxed: 8 bytes in every inbox instead of 48, and most users block nobody.
     #[allow(clippy::box_collection)]
@@ -120,6 +122,12 @@ impl Cursors {
     }
 }
 
+/// A message as inboxes hold it: every inbox it is in shares one `Rc` of the
+/// message's `Arc`. The pipeline thread adds and drops inbox entries by the million (a
+/// group message is an entry per member), and a count that only this thread touches
+/// needs no atomic operation; the `Arc` is what crosses to the shards.
+type Stored = Rc<Arc<Message>>;
+
 /// The in-memory [`State`].
 #[derive(Default)]
 pub struct MemState {
@@ -130,13 +138,16 @@ pub struct MemState {
     groups: FastMap<String, Rc<BTreeSet<String>>>,
     dedup: DedupTable,
     entries: u64,
+    /// The message appended last, so the appends of one message (to a group's members,
+    /// or to the sender's and the recipient's inboxes) share one [`Stored`].
+    last: Option<Stored>,
 }
 
 impl Inbox {
     /// Drops entries accepted before `min_ts`; returns how many.
     fn expire(&mut self, min_ts: u64) -> u64 {
         let mut dropped = 0;
-        while self.entries.front().is_some_and(|e| e.msg.ts < min_ts) {
+        while self.entries.front().is_some_and(|m| m.ts < min_ts) {
             self.entries.pop_front();
             dropped += 1;
         }
@@ -144,21 +155,23 @@ impl Inbox {
     }
 
     /// See [`State::append`]. Returns the new `seq` and how many entries were dropped.
-    fn push(&mut self, msg: Arc<Message>, keep: usize, min_ts: u64) -> (u64, u64) {
+    fn push(&mut self, msg: Stored, keep: usize, min_ts: u64) -> (u64, u64) {
         let mut dropped = 0;
         if (self.head + 1) % EXPIRE_EVERY_APPENDS == 0 {
             dropped += self.expire(min_ts);
         }
         self.head += 1;
-        self.entries.push_back(Entry {
-            seq: self.head,
-            msg,
-        });
+        self.entries.push_back(msg);
         while self.entries.len() > keep {
             self.entries.pop_front();
             dropped += 1;
         }
         (self.head, dropped)
+    }
+
+    /// The seq of the oldest retained entry, `head + 1` when none is retained.
+    fn first_seq(&self) -> u64 {
+        self.head + 1 - self.entries.len() as u64
     }
 }
 
@@ -188,10 +201,14 @@ impl State for MemState {
     fn first_seq(&self, user: &str) -> u64 {
         self.inboxes
             .get(user)
-            .map_or(1, |i| i.entries.front().map_or(i.head + 1, |e| e.seq))
+            .map_or(1, Inbox::first_seq)
     }
 
-    fn append(&mut self, user: &str, msg: Arc<Message>, keep: usize, min_ts: u64) -> u64 {
+    fn append(&mut self, user: &str, msg: &Arc<Message>, keep: usize, min_ts: u64) -> u64 {
+        let msg = match &self.last {
+            Some(last) if Arc::ptr_eq(last, msg) => last.clone(),
+            _ => self.last.insert(Rc::new(msg.clone())).clone(),
+        };
         // One lookup for a known user.
         let (seq, dropped) = match self.inboxes.get_mut(user) {
             Some(inbox) => inbox.push(msg, keep, min_ts),
@@ -217,17 +234,17 @@ impl State for MemState {
             return Page::default();
         };
         // Seqs are contiguous inside the retained range: index arithmetic, no search.
-        let first = inbox.entries.front().map_or(inbox.head + 1, |e| e.seq);
+        let first = inbox.first_seq();
         let skip = after
             .saturating_add(1)
             .saturating_sub(first)
             .min(inbox.entries.len() as u64) as usize;
-        let entries: Vec<Entry> = inbox
-            .entries
-            .iter()
-            .skip(skip)
-            .take(limit)
-            .cloned()
+        let entries: Vec<Entry> = (first + skip as u64..)
+            .zip(inbox.entries.iter().skip(skip).take(limit))
+            .map(|(seq, msg)| Entry {
+                seq,
+                msg: Arc::clone(msg),
+            })
             .collect();
         let more = skip + entries.len() < inbox.entries.len();
         Page { entries, more }
@@ -307,7 +324,7 @@ mod tests {
     fn pages_count_retention_and_time_expiry() {
         let mut s = MemState::default();
         for ts in 1..=10 {
-            s.append("u", msg(ts), 5, 0);
+            s.append("u", &msg(ts), 5, 0);
         }
         assert_eq!(s.head("u"), 10);
         assert_eq!(s.first_seq("u"), 6);
@@ -332,22 +349,41 @@ mod tests {
         s.expire("u", 100);
         assert_eq!(s.first_seq("u"), 11);
         assert_eq!(s.inbox_entries(), 0);
-        assert_eq!(s.append("u", msg(100), 5, 0), 11, "seqs never restart");
+        assert_eq!(s.append("u", &msg(100), 5, 0), 11, "seqs never restart");
+    }
+
+    #[test]
+    fn the_appends_of_one_message_share_one_handle() {
+        let mut s = MemState::default();
+        let m = msg(1);
+        for user in ["a", "b", "c"] {
+            assert_eq!(s.append(user, &m, 5, 0), 1);
+        }
+        assert_eq!(Arc::strong_count(&m), 2, "the test's and the inboxes' one");
+        let other = msg(2);
+        s.append("a", &other, 5, 0);
+        assert_eq!(Arc::strong_count(&m), 2, "still held by the inboxes");
+        for user in ["a", "b", "c"] {
+            s.expire(user, 100);
+        }
+        assert_eq!(Arc::strong_count(&m), 1, "expired everywhere");
+        let p = s.page("a", 0, 10);
+        assert!(p.entries.is_empty());
     }
 
     #[test]
     fn appends_apply_the_age_retention_every_so_often() {
         let mut s = MemState::default();
         for ts in 1..EXPIRE_EVERY_APPENDS {
-            s.append("u", msg(ts), 1000, 0);
+            s.append("u", &msg(ts), 1000, 0);
         }
         assert_eq!(s.inbox_entries(), 63);
         // The 64th append applies `min_ts`: entries accepted before 50 go.
-        assert_eq!(s.append("u", msg(100), 1000, 50), 64);
+        assert_eq!(s.append("u", &msg(100), 1000, 50), 64);
         assert_eq!(s.first_seq("u"), 50);
         assert_eq!(s.inbox_entries(), 15);
         // Between those appends the age is not looked at; readers expire first.
-        s.append("u", msg(101), 1000, 1000);
+        s.append("u", &msg(101), 1000, 1000);
         assert_eq!(s.inbox_entries(), 16);
         s.expire("u", 1000);
         assert_eq!(s.inbox_entries(), 0);
