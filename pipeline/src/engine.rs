@@ -171,7 +171,6 @@ impl Origin {
 /// The pipeline of one node as a state machine.
 pub struct Engine<S: State = MemState> {
     node_id: String,
-    retention_messages: usize,
     retention_ms: u64,
     dedup_window_ms: u64,
     catchup_page: usize,
@@ -200,7 +199,7 @@ pub struct Engine<S: State = MemState> {
 impl Engine<MemState> {
     /// An engine on empty in-memory state; admin answers go to endpoint `admin`.
     pub fn new(cfg: &PipelineConfig, admin: Endpoint) -> Self {
-        Self::with_state(cfg, admin, MemState::default())
+        Self::with_state(cfg, admin, MemState::new(cfg.retention_messages))
     }
 }
 
@@ -217,7 +216,6 @@ impl<S: State> Engine<S> {
         );
         Self {
             node_id: cfg.node_id.clone(),
-            retention_messages: cfg.retention_messages,
             retention_ms: cfg.retention_ms,
             dedup_window_ms: cfg.dedup_window_ms,
             catchup_page: cfg.catchup_page,
@@ -886,9 +884,7 @@ impl<S: State> Engine<S> {
         min_ts: u64,
         deliveries: Option<&mut Routed>,
     ) {
-        let seq = self
-            .state
-            .append(user, msg, self.retention_messages, min_ts);
+        let seq = self.state.append(user, msg, min_ts);
         let Some(out) = deliveries else {
             return;
         };
