@@ -41,6 +41,10 @@ const CLOSE_LINGER_MS: u64 = 1_000;
 /// of it, the unwritten rest moves to the front (a reader that never quite catches up
 /// would otherwise grow the queue's buffer without end).
 const COMPACT_AFTER_BYTES: usize = 64 << 10;
+/// Emptied outbound queues a shard keeps for reuse, and the largest buffer it keeps:
+/// at most 4 MiB per shard.
+const OUT_POOL_QUEUES: usize = 256;
+const OUT_POOL_BUF_BYTES: usize = 16 << 10;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
@@ -77,13 +81,38 @@ enum Partial {
 /// one `send` for all of them). Allocated when something is queued and freed once the
 /// last byte is written: an idle connection holds no queue.
 #[derive(Default)]
-struct Outbound {
+pub struct Outbound {
     buf: Vec<u8>,
     /// `buf[..written]` is on the wire.
     written: usize,
     /// A boundary not to cut before: `buf[..unit_end]` is the HTTP answer or messages
     /// written at least in part, and `buf[unit_end..]` is whole messages.
     unit_end: usize,
+}
+
+/// A shard's emptied outbound queues. A connection that queues something takes one
+/// whose buffer has already grown and been touched, instead of allocating, growing
+/// and page-faulting a new one for every burst (a group message is a burst on every
+/// member's connection).
+// Boxes, as connections hold them: taking one from the pool allocates nothing.
+#[allow(clippy::vec_box)]
+#[derive(Default)]
+pub struct OutPool(RefCell<Vec<Box<Outbound>>>);
+
+impl OutPool {
+    fn take(&self) -> Box<Outbound> {
+        self.0.borrow_mut().pop().unwrap_or_default()
+    }
+
+    fn give(&self, mut out: Box<Outbound>) {
+        let mut free = self.0.borrow_mut();
+        if free.len() < OUT_POOL_QUEUES && out.buf.capacity() <= OUT_POOL_BUF_BYTES {
+            out.buf.clear();
+            out.written = 0;
+            out.unit_end = 0;
+            free.push(out);
+        }
+    }
 }
 
 impl Outbound {
@@ -450,7 +479,9 @@ impl Conn {
                 return Ok(true);
             };
             if out.queued() == 0 {
-                st.out = None;
+                if let Some(out) = st.out.take() {
+                    shard.out_pool.give(out);
+                }
                 return Ok(true);
             }
             let rest = &out.buf[out.written..];
@@ -481,7 +512,7 @@ impl Conn {
     async fn finish(&self, shard: &Shard, close: Close) {
         if let Close::Ws(code, reason) = close {
             let mut st = self.st.borrow_mut();
-            let out = st.out.get_or_insert_with(Box::default);
+            let out = st.out.get_or_insert_with(|| shard.out_pool.take());
             ws::close(code, reason, &mut out.buf);
         }
         let flushed = monoio::time::timeout(Duration::from_millis(CLOSE_FLUSH_MS), async {
@@ -707,7 +738,7 @@ impl ConnState {
         if self.close.is_some() {
             return;
         }
-        let out = self.out.get_or_insert_with(Box::default);
+        let out = self.out.get_or_insert_with(|| shard.out_pool.take());
         let before = out.buf.len();
         write(&mut out.buf);
         if out.queued() > shard.limits.outbound_bytes_max {

@@ -16,7 +16,7 @@ use flare_shard::slab::Slab;
 use flare_shard::timer::TimerWheel;
 
 use crate::config::Limits;
-use crate::conn::{self, Conn, Phase};
+use crate::conn::{self, Conn, OutPool, Phase};
 use crate::metrics::ShardMetrics;
 use crate::notify::Notify;
 
@@ -58,6 +58,8 @@ pub struct Shard {
     /// The message of the latest live delivery, encoded once per encoding: a group
     /// message's deliveries come one after another, and differ only by `seq`.
     live_msg: RefCell<Option<LiveMsg>>,
+    /// Emptied outbound queues, for the next connection that queues something.
+    pub out_pool: OutPool,
 }
 
 /// A message and its templates (JSON, rkyv), made on first use.
@@ -102,6 +104,7 @@ impl Shard {
             drain_started: Cell::new(false),
             stop_accepting: Notify::default(),
             live_msg: RefCell::new(None),
+            out_pool: OutPool::default(),
         }
     }
 
