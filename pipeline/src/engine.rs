@@ -33,8 +33,8 @@ use crate::config::PipelineConfig;
 use crate::ids::MsgIds;
 use crate::intern::{DeviceId, Interner};
 use crate::record::{Record, MAX_RECORD_BYTES};
+use crate::sharded::ShardedMap;
 use crate::state::{MemState, Page, State};
-use crate::FastMap;
 
 /// Live entries of a commit by endpoint (the index).
 type Routed = Vec<Routes>;
@@ -179,9 +179,9 @@ pub struct Engine<S: State = MemState> {
     admin: Endpoint,
     state: S,
     ids: MsgIds,
-    sessions: FastMap<ConnRef, Session>,
+    sessions: ShardedMap<ConnRef, Session>,
     /// Open sessions per user, one per device; keyed by the state's copy of the user id.
-    online: FastMap<Rc<str>, Online>,
+    online: ShardedMap<Rc<str>, Online>,
     /// Device ids of sessions.
     devices: Interner,
     pending: Batch,
@@ -223,8 +223,8 @@ impl<S: State> Engine<S> {
             admin,
             state,
             ids: MsgIds::new(&cfg.node_id),
-            sessions: FastMap::default(),
-            online: FastMap::default(),
+            sessions: ShardedMap::default(),
+            online: ShardedMap::default(),
             devices: Interner::default(),
             pending: Batch::new(0),
             inflight: None,

@@ -27,6 +27,7 @@ pub mod ids;
 pub mod intern;
 pub mod log;
 pub mod record;
+mod sharded;
 pub mod state;
 
 pub use config::PipelineConfig;

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use crate::api::{Entry, Message};
 use crate::dedup::DedupTable;
 use crate::intern::{DeviceId, Interner};
+use crate::sharded::ShardedMap;
 use crate::FastMap;
 
 /// A page of inbox entries.
@@ -139,7 +140,7 @@ pub struct MemState {
     /// Entries an inbox retains.
     keep: usize,
     /// Keyed by the node's one copy of each user id (see [`State::user`]).
-    inboxes: FastMap<Rc<str>, Inbox>,
+    inboxes: ShardedMap<Rc<str>, Inbox>,
     /// Device ids of ack cursors.
     devices: Interner,
     groups: FastMap<String, Rc<BTreeSet<String>>>,
@@ -193,7 +194,7 @@ impl MemState {
         assert!(keep > 0, "an inbox keeps at least one entry");
         MemState {
             keep,
-            inboxes: FastMap::default(),
+            inboxes: ShardedMap::default(),
             devices: Interner::default(),
             groups: FastMap::default(),
             dedup: DedupTable::default(),
