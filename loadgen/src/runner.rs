@@ -300,7 +300,6 @@ pub enum ChildLine {
 
 const PROGRESS_TICK: Duration = Duration::from_millis(100);
 
-/// The main loop of a worker process (`--worker-process N`).
 /// A worker's monoio runtime. Its ring is set up with `COOP_TASKRUN` (Linux 5.19; refused
 /// with EINVAL before, and then left out): a completion arriving while the worker runs
 /// waits for the worker's next system call instead of interrupting it, as the gateway's
@@ -328,6 +327,7 @@ fn worker_runtime() -> std::io::Result<
     }
 }
 
+/// The main loop of a worker process (`--worker-process N`).
 pub fn child_main(cfg: Arc<RunConfig>, process: usize) -> Result<(), String> {
     let mut run = ProcessRun::start(cfg, process)?;
     let shared = run.shared.clone();
