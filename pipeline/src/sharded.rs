@@ -20,7 +20,7 @@ const SPLIT_AT_LEN: usize = 1 << 16;
 /// once it holds [`SPLIT_AT_LEN`] entries (one table until then).
 ///
 /// A hash map grows by doubling, and a doubling moves every entry at once: a map of two
-/// million users stopped its thread for 0.8 s on one insert (measured), and every message
+/// million users stopped its thread for 0.25-0.8 s on one insert (two runs), and every message
 /// waiting on the pipeline waits with it (the stall the dedup table had, see `dedup.rs`).
 /// Split, a doubling moves 1/256 of the entries. The key is hashed once (aHash, random
 /// keys per process), for both the pick and the lookup.
