@@ -204,49 +204,62 @@ impl Conn {
         }
     }
 
-    fn send_bytes(&self, mut bytes: &[u8]) -> bool {
+    fn send_bytes(&self, bytes: &[u8]) -> bool {
         self.last_send_ns.set(mono_ns());
-        let mut out = self.out.borrow_mut();
-        if !out.is_empty() {
-            out.extend_from_slice(bytes);
-            return true;
-        }
-        while !bytes.is_empty() {
-            match raw_send(self.fd.get(), bytes) {
-                Ok(n) => bytes = &bytes[n..],
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(_) => {
-                    self.broken.set(true);
-                    self.wake.notify();
-                    return false;
-                }
+        match send_or_queue(self.fd.get(), &mut self.out.borrow_mut(), bytes) {
+            Ok(false) => {}
+            Ok(true) => self.wake.notify(),
+            Err(_) => {
+                self.broken.set(true);
+                self.wake.notify();
+                return false;
             }
-        }
-        if !bytes.is_empty() {
-            out.extend_from_slice(bytes);
-            self.wake.notify();
         }
         true
     }
 
     /// Writes queued output. Ok(true) when the queue is empty.
     fn flush(&self) -> io::Result<bool> {
-        let mut out = self.out.borrow_mut();
-        let mut done = 0;
-        while done < out.len() {
-            match raw_send(self.fd.get(), &out[done..]) {
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(e),
-            }
+        flush_queue(self.fd.get(), &mut self.out.borrow_mut())
+    }
+}
+
+/// Sends `bytes` now unless earlier bytes wait in `out`, and queues what the socket does
+/// not take. Ok(true) when `out` went from empty to not: the writer must be woken to
+/// wait for writability. Err when the connection failed.
+pub(crate) fn send_or_queue(fd: RawFd, out: &mut Vec<u8>, mut bytes: &[u8]) -> io::Result<bool> {
+    if !out.is_empty() {
+        out.extend_from_slice(bytes);
+        return Ok(false);
+    }
+    while !bytes.is_empty() {
+        match raw_send(fd, bytes) {
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) => return Err(e),
         }
-        if done == out.len() {
-            *out = Vec::new();
-            Ok(true)
-        } else {
-            out.drain(..done);
-            Ok(false)
+    }
+    out.extend_from_slice(bytes);
+    Ok(!bytes.is_empty())
+}
+
+/// Writes from the front of `out` until the socket is full; frees `out` once all of it
+/// is written. Ok(true) when it is.
+pub(crate) fn flush_queue(fd: RawFd, out: &mut Vec<u8>) -> io::Result<bool> {
+    let mut done = 0;
+    while done < out.len() {
+        match raw_send(fd, &out[done..]) {
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) => return Err(e),
         }
+    }
+    if done == out.len() {
+        *out = Vec::new();
+        Ok(true)
+    } else {
+        out.drain(..done);
+        Ok(false)
     }
 }
 

@@ -17,7 +17,7 @@ use std::rc::Rc;
 use monoio::net::TcpStream;
 
 use crate::cli::WsUrl;
-use crate::conn::{raw_send as send, Notify};
+use crate::conn::{flush_queue, send_or_queue, Notify};
 
 /// Largest answer head or body we accept.
 const ANSWER_MAX: usize = 64 * 1024;
@@ -90,22 +90,14 @@ impl HttpPublisher {
             body.len()
         );
         self.pending.borrow_mut().push_back(scheduled_ns);
-        let mut out = self.out.borrow_mut();
-        let mut bytes = request.as_bytes();
-        if out.is_empty() {
-            match send(self.fd, bytes) {
-                Ok(n) => bytes = &bytes[n..],
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(_) => {
-                    self.broken.set(true);
-                    self.wake.notify();
-                    return false;
-                }
+        match send_or_queue(self.fd, &mut self.out.borrow_mut(), request.as_bytes()) {
+            Ok(false) => {}
+            Ok(true) => self.wake.notify(),
+            Err(_) => {
+                self.broken.set(true);
+                self.wake.notify();
+                return false;
             }
-        }
-        if !bytes.is_empty() {
-            out.extend_from_slice(bytes);
-            self.wake.notify();
         }
         true
     }
@@ -145,7 +137,7 @@ impl HttpPublisher {
                     }
                     r = stream.writable(false), if writing => {
                         r?;
-                        self.flush()?;
+                        flush_queue(self.fd, &mut self.out.borrow_mut())?;
                     }
                     _ = self.wake.notified() => {}
                 }
@@ -161,20 +153,6 @@ impl HttpPublisher {
             self.broken.set(true);
         }
         broke
-    }
-
-    fn flush(&self) -> io::Result<()> {
-        let mut out = self.out.borrow_mut();
-        let mut done = 0;
-        while done < out.len() {
-            match send(self.fd, &out[done..]) {
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(e),
-            }
-        }
-        out.drain(..done);
-        Ok(())
     }
 
     /// Reads what the socket has. Ok(false) at end of stream.
