@@ -1,5 +1,12 @@
-//! The dedup table: (sender, client `id`) → the original `(msg_id, ts)`, for the
-//! configured window (PROTOCOL.md §4, ten minutes by default).
+//! The dedup table: (sender, client `id`) → the original `msg_id` and `ts`, and the
+//! batch that holds the message, for the configured window (PROTOCOL.md §4, ten
+//! minutes by default).
+//!
+//! The engine enters a message when it accepts it, before its batch is durable, so a
+//! send costs one lookup in this table, not a lookup and a later insert: the table
+//! outgrows the caches, and each probe was a miss. The batch id tells the engine
+//! whether the original is durable yet; the entries of a batch that fails are
+//! [`forget`](DedupTable::forget)-ten.
 //!
 //! At a steady send rate the table holds every message of the window, so it is the
 //! pipeline's largest map and the one that grows fastest. Two things keep it from
@@ -28,11 +35,22 @@ pub const SHARDS: usize = 1024;
 /// Entries per chunk of the expiry queue.
 const CHUNK: usize = 4096;
 
-/// A key's fingerprint.
+/// The fingerprint of a (sender, client `id`) pair, computed once per message.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-struct Fingerprint(u64, u64);
+pub struct DedupKey(u64, u64);
 
-impl Hash for Fingerprint {
+/// What the table remembers of an accepted message.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Accepted {
+    /// The message's `msg_id`.
+    pub msg_id: u64,
+    /// When it was accepted (ms since the Unix epoch).
+    pub ts: u64,
+    /// The engine's id of the batch that holds it.
+    pub batch: u64,
+}
+
+impl Hash for DedupKey {
     fn hash<H: Hasher>(&self, state: &mut H) {
         // Already uniformly random: the maps use it as it is (see `TakeU64`).
         state.write_u64(self.0);
@@ -49,7 +67,7 @@ impl Hasher for TakeU64 {
     }
 
     fn write(&mut self, bytes: &[u8]) {
-        // Only `Fingerprint` is hashed here, through `write_u64`; fold anything else.
+        // Only `DedupKey` is hashed here, through `write_u64`; fold anything else.
         for &b in bytes {
             self.0 = self.0.rotate_left(8) ^ u64::from(b);
         }
@@ -60,14 +78,14 @@ impl Hasher for TakeU64 {
     }
 }
 
-type Shard = HashMap<Fingerprint, (u64, u64), BuildHasherDefault<TakeU64>>;
+type Shard = HashMap<DedupKey, Accepted, BuildHasherDefault<TakeU64>>;
 
-/// (sender, `id`) → `(msg_id, ts)`, with expiry by age.
+/// (sender, `id`) → [`Accepted`], with expiry by age.
 pub struct DedupTable {
     keys: [RandomState; 2],
     shards: Box<[Shard]>,
     /// Keys in acceptance order, for expiry: `(ts, key)`.
-    order: ChunkedQueue<(u64, Fingerprint)>,
+    order: ChunkedQueue<(u64, DedupKey)>,
     len: usize,
 }
 
@@ -83,41 +101,51 @@ impl Default for DedupTable {
 }
 
 impl DedupTable {
-    fn fingerprint(&self, user: &str, id: &str) -> Fingerprint {
-        Fingerprint(
+    /// The key of (`user`, `id`).
+    pub fn key(&self, user: &str, id: &str) -> DedupKey {
+        DedupKey(
             self.keys[0].hash_one((user, id)),
             self.keys[1].hash_one((user, id)),
         )
     }
 
-    fn shard(&self, key: Fingerprint) -> usize {
+    fn shard(key: DedupKey) -> usize {
         // The high bits: hashbrown takes the bucket from the low ones of `key.0`.
         (key.1 >> 32) as usize & (SHARDS - 1)
     }
 
-    /// The `(msg_id, ts)` of (`user`, `id`) if it was accepted at or after `min_ts`.
-    pub fn get(&self, user: &str, id: &str, min_ts: u64) -> Option<(u64, u64)> {
-        let key = self.fingerprint(user, id);
-        let hit = *self.shards[self.shard(key)].get(&key)?;
-        (hit.1 >= min_ts).then_some(hit)
+    /// What `key` was accepted as, if at or after `min_ts`.
+    pub fn get(&self, key: DedupKey, min_ts: u64) -> Option<Accepted> {
+        let hit = *self.shards[Self::shard(key)].get(&key)?;
+        (hit.ts >= min_ts).then_some(hit)
     }
 
-    /// Remembers (`user`, `id`) → (`msg_id`, `ts`), replacing an older entry.
-    pub fn put(&mut self, user: &str, id: &str, msg_id: u64, ts: u64) {
-        let key = self.fingerprint(user, id);
-        let shard = self.shard(key);
-        if self.shards[shard].insert(key, (msg_id, ts)).is_none() {
+    /// Remembers `key` → `accepted`, replacing an older entry.
+    pub fn put(&mut self, key: DedupKey, accepted: Accepted) {
+        if self.shards[Self::shard(key)]
+            .insert(key, accepted)
+            .is_none()
+        {
             self.len += 1;
         }
-        self.order.push((ts, key));
+        self.order.push((accepted.ts, key));
+    }
+
+    /// Forgets `key` if batch `batch` holds its entry (the batch failed).
+    pub fn forget(&mut self, key: DedupKey, batch: u64) {
+        let shard = &mut self.shards[Self::shard(key)];
+        if shard.get(&key).is_some_and(|a| a.batch == batch) {
+            shard.remove(&key);
+            self.len -= 1;
+        }
     }
 
     /// Forgets the entries accepted before `min_ts`.
     pub fn expire(&mut self, min_ts: u64) {
         while let Some((ts, key)) = self.order.pop_if(|&(ts, _)| ts < min_ts) {
-            let shard = &mut self.shards[(key.1 >> 32) as usize & (SHARDS - 1)];
+            let shard = &mut self.shards[Self::shard(key)];
             // Only forget the key if it was not accepted again later.
-            if shard.get(&key).is_some_and(|&(_, t)| t == ts) {
+            if shard.get(&key).is_some_and(|a| a.ts == ts) {
                 shard.remove(&key);
                 self.len -= 1;
                 if shard.is_empty() {
@@ -188,36 +216,52 @@ impl<T: Copy> ChunkedQueue<T> {
 mod tests {
     use super::*;
 
+    fn put(t: &mut DedupTable, user: &str, id: &str, msg_id: u64, ts: u64) {
+        let key = t.key(user, id);
+        t.put(
+            key,
+            Accepted {
+                msg_id,
+                ts,
+                batch: 0,
+            },
+        );
+    }
+
+    fn get(t: &DedupTable, user: &str, id: &str, min_ts: u64) -> Option<(u64, u64)> {
+        t.get(t.key(user, id), min_ts).map(|a| (a.msg_id, a.ts))
+    }
+
     #[test]
     fn finds_what_it_holds_within_the_window() {
         let mut t = DedupTable::default();
-        t.put("a", "x", 1, 10);
-        t.put("a", "y", 2, 20);
-        t.put("b", "x", 3, 20);
-        assert_eq!(t.get("a", "x", 5), Some((1, 10)));
-        assert_eq!(t.get("b", "x", 5), Some((3, 20)));
-        assert_eq!(t.get("a", "x", 11), None, "outside the window");
-        assert_eq!(t.get("a", "z", 0), None);
+        put(&mut t, "a", "x", 1, 10);
+        put(&mut t, "a", "y", 2, 20);
+        put(&mut t, "b", "x", 3, 20);
+        assert_eq!(get(&t, "a", "x", 5), Some((1, 10)));
+        assert_eq!(get(&t, "b", "x", 5), Some((3, 20)));
+        assert_eq!(get(&t, "a", "x", 11), None, "outside the window");
+        assert_eq!(get(&t, "a", "z", 0), None);
         // The parts are kept apart: ("ab", "c") is not ("a", "bc").
-        t.put("ab", "c", 4, 30);
-        assert_eq!(t.get("a", "bc", 0), None);
+        put(&mut t, "ab", "c", 4, 30);
+        assert_eq!(get(&t, "a", "bc", 0), None);
         assert_eq!(t.len(), 4);
     }
 
     #[test]
     fn expiry_keeps_reaccepted_keys() {
         let mut t = DedupTable::default();
-        t.put("a", "x", 1, 10);
-        t.put("a", "y", 2, 20);
-        t.put("a", "x", 3, 30);
+        put(&mut t, "a", "x", 1, 10);
+        put(&mut t, "a", "y", 2, 20);
+        put(&mut t, "a", "x", 3, 30);
         assert_eq!(t.len(), 2);
         t.expire(25);
-        assert_eq!(t.get("a", "x", 0), Some((3, 30)));
-        assert_eq!(t.get("a", "y", 0), None);
+        assert_eq!(get(&t, "a", "x", 0), Some((3, 30)));
+        assert_eq!(get(&t, "a", "y", 0), None);
         assert_eq!(t.len(), 1);
         t.expire(31);
         assert!(t.is_empty());
-        assert_eq!(t.get("a", "x", 0), None);
+        assert_eq!(get(&t, "a", "x", 0), None);
     }
 
     /// Many chunks in, all out in order, and the queue works again after emptying.
@@ -226,23 +270,47 @@ mod tests {
         let mut t = DedupTable::default();
         let n = 3 * CHUNK as u64 + 17;
         for i in 0..n {
-            t.put("u", &i.to_string(), i, i);
+            put(&mut t, "u", &i.to_string(), i, i);
         }
         assert_eq!(t.len(), n as usize);
         t.expire(CHUNK as u64 + 5);
         assert_eq!(t.len(), (n - CHUNK as u64 - 5) as usize);
-        assert_eq!(t.get("u", &(CHUNK + 4).to_string(), 0), None);
+        assert_eq!(get(&t, "u", &(CHUNK + 4).to_string(), 0), None);
         assert_eq!(
-            t.get("u", &(CHUNK + 5).to_string(), 0),
+            get(&t, "u", &(CHUNK + 5).to_string(), 0),
             Some((CHUNK as u64 + 5, CHUNK as u64 + 5))
         );
         t.expire(n);
         assert!(t.is_empty());
-        t.put("u", "again", 1, n + 1);
-        t.put("u", "more", 2, n + 2);
+        put(&mut t, "u", "again", 1, n + 1);
+        put(&mut t, "u", "more", 2, n + 2);
         t.expire(n + 2);
-        assert_eq!(t.get("u", "more", 0), Some((2, n + 2)));
+        assert_eq!(get(&t, "u", "more", 0), Some((2, n + 2)));
         assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn forget_drops_only_the_named_batch_entry() {
+        let mut t = DedupTable::default();
+        let key = t.key("a", "x");
+        let accepted = |batch| Accepted {
+            msg_id: 1,
+            ts: 10,
+            batch,
+        };
+        t.put(key, accepted(3));
+        t.forget(key, 2);
+        assert_eq!(
+            t.get(key, 0),
+            Some(accepted(3)),
+            "another batch's entry stays"
+        );
+        t.forget(key, 3);
+        assert_eq!(t.get(key, 0), None);
+        assert!(t.is_empty());
+        // The expiry queue still names the key; expiring it is harmless.
+        t.expire(11);
+        assert!(t.is_empty());
     }
 
     #[test]

@@ -11,10 +11,11 @@
 //! answers go out at once.
 //!
 //! Decisions taken before a batch is durable see the effect of the uncommitted
-//! batches where it matters: dedup (a resend in the same batch is answered with the
-//! original ids after the commit) and group/block changes (kept in an overlay until
-//! their batch commits). If a batch fails, everything uncommitted fails with it:
-//! later batches were decided on top of it.
+//! batches where it matters: dedup (a message enters the dedup table when accepted,
+//! with its batch id, so a resend in the same batch is answered with the original ids
+//! after the commit) and group/block changes (kept in an overlay until their batch
+//! commits). If a batch fails, everything uncommitted fails with it: later batches
+//! were decided on top of it, and their dedup entries are forgotten.
 //!
 //! Ack cursors are the exception: they are applied at once and logged, because a
 //! cursor only ever moves forward and nothing waits for it to be durable.
@@ -30,6 +31,7 @@ use crate::api::{
     SessionIds, Stats,
 };
 use crate::config::PipelineConfig;
+use crate::dedup::{Accepted, DedupKey};
 use crate::ids::MsgIds;
 use crate::intern::{DeviceId, Interner};
 use crate::record::{Record, MAX_RECORD_BYTES};
@@ -128,6 +130,8 @@ struct Batch {
     id: u64,
     records: Vec<Record>,
     held: Vec<Held>,
+    /// The dedup entries of its messages, to forget if it fails.
+    dedup_keys: Vec<DedupKey>,
     bytes: usize,
 }
 
@@ -137,10 +141,14 @@ impl Batch {
             id,
             records: Vec::new(),
             held: Vec::new(),
+            dedup_keys: Vec::new(),
             bytes: 0,
         }
     }
 }
+
+/// The batch id of dedup entries rebuilt from the log: below every live batch's.
+const REPLAYED_BATCH: u64 = 0;
 
 /// Who asked for a message to be sent, to answer them.
 enum Origin {
@@ -186,8 +194,8 @@ pub struct Engine<S: State = MemState> {
     devices: Interner,
     pending: Batch,
     inflight: Option<Batch>,
-    /// Uncommitted messages by (sender, client id): `(msg_id, ts, batch id)`.
-    uncommitted: HashMap<(String, String), (u64, u64, u64)>,
+    /// Batches with a lower id are durable.
+    durable_below: u64,
     /// Group member lists as uncommitted batches leave them, with the batch id.
     pending_groups: HashMap<String, (BTreeSet<String>, u64)>,
     /// Block lists as uncommitted batches leave them, with the batch id.
@@ -226,9 +234,9 @@ impl<S: State> Engine<S> {
             sessions: ShardedMap::default(),
             online: ShardedMap::default(),
             devices: Interner::default(),
-            pending: Batch::new(0),
+            pending: Batch::new(REPLAYED_BATCH + 1),
             inflight: None,
-            uncommitted: HashMap::new(),
+            durable_below: REPLAYED_BATCH + 1,
             pending_groups: HashMap::new(),
             pending_blocked: HashMap::new(),
             outputs: VecDeque::new(),
@@ -348,7 +356,7 @@ impl<S: State> Engine<S> {
             }
         }
         let id = batch.id;
-        self.uncommitted.retain(|_, v| v.2 > id);
+        self.durable_below = id + 1;
         self.pending_groups.retain(|_, v| v.1 > id);
         self.pending_blocked.retain(|_, v| v.1 > id);
         self.stats.log_commits += 1;
@@ -361,6 +369,9 @@ impl<S: State> Engine<S> {
         let next = Batch::new(self.pending.id + 1);
         let pending = std::mem::replace(&mut self.pending, next);
         for batch in self.inflight.take().into_iter().chain([pending]) {
+            for key in batch.dedup_keys {
+                self.state.forget_dedup(key, batch.id);
+            }
             for held in batch.held {
                 let message = format!("the message could not be made durable: {reason}");
                 let out = match held {
@@ -387,7 +398,6 @@ impl<S: State> Engine<S> {
                 self.outputs.push_back(out);
             }
         }
-        self.uncommitted.clear();
         self.pending_groups.clear();
         self.pending_blocked.clear();
         self.stats.log_healthy = false;
@@ -673,23 +683,23 @@ impl<S: State> Engine<S> {
         dedup_id: Option<String>,
         now_ms: u64,
     ) {
-        if let Some(id) = &dedup_id {
+        let dedup_key = dedup_id.as_ref().map(|id| self.state.dedup_key(&from, id));
+        if let Some(key) = dedup_key {
             let min_ts = now_ms.saturating_sub(self.dedup_window_ms);
-            if let Some((msg_id, ts)) = self.state.dedup(&from, id, min_ts) {
+            if let Some(original) = self.state.dedup(key, min_ts) {
                 self.stats.messages_dup += 1;
-                let out = self.answer(origin.held(msg_id, ts, true));
-                self.outputs.push_back(out);
-                return;
-            }
-            if let Some(&(msg_id, ts, batch)) = self.uncommitted.get(&(from.clone(), id.clone())) {
+                let held = origin.held(original.msg_id, original.ts, true);
+                if original.batch < self.durable_below {
+                    let out = self.answer(held);
+                    self.outputs.push_back(out);
+                    return;
+                }
                 // The original is not durable yet: answer when its batch is.
-                self.stats.messages_dup += 1;
-                let held = origin.held(msg_id, ts, true);
                 match &mut self.inflight {
-                    Some(b) if b.id == batch => b.held.push(held),
+                    Some(b) if b.id == original.batch => b.held.push(held),
                     _ => {
                         assert_eq!(
-                            self.pending.id, batch,
+                            self.pending.id, original.batch,
                             "uncommitted dedup entries name a live batch"
                         );
                         self.pending.held.push(held);
@@ -713,15 +723,20 @@ impl<S: State> Engine<S> {
                 to,
                 body,
             }),
-            dedup_id: dedup_id.clone(),
+            dedup_id,
         };
         if rec.encoded_len() > MAX_RECORD_BYTES {
             self.refuse(origin, ErrorCode::TooLarge, "the message is too large");
             return;
         }
-        if let Some(id) = dedup_id {
-            self.uncommitted
-                .insert((from, id), (msg_id, now_ms, self.pending.id));
+        if let Some(key) = dedup_key {
+            let accepted = Accepted {
+                msg_id,
+                ts: now_ms,
+                batch: self.pending.id,
+            };
+            self.state.put_dedup(key, accepted);
+            self.pending.dedup_keys.push(key);
         }
         self.pending.held.push(origin.held(msg_id, now_ms, false));
         self.push_record(rec);
@@ -914,8 +929,15 @@ impl<S: State> Engine<S> {
         match rec {
             Record::Message { msg, dedup_id } => {
                 self.ids.observe(msg.msg_id);
-                if let Some(id) = &dedup_id {
-                    self.state.put_dedup(&msg.from, id, msg.msg_id, msg.ts);
+                // A live message entered the dedup table when it was accepted.
+                if let (Some(id), None) = (&dedup_id, &deliveries) {
+                    let key = self.state.dedup_key(&msg.from, id);
+                    let accepted = Accepted {
+                        msg_id: msg.msg_id,
+                        ts: msg.ts,
+                        batch: REPLAYED_BATCH,
+                    };
+                    self.state.put_dedup(key, accepted);
                 }
                 let min_ts = now_ms.saturating_sub(self.retention_ms);
                 match &msg.to {

@@ -10,7 +10,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use crate::api::{Entry, Message};
-use crate::dedup::DedupTable;
+use crate::dedup::{Accepted, DedupKey, DedupTable};
 use crate::intern::{DeviceId, Interner};
 use crate::sharded::ShardedMap;
 use crate::FastMap;
@@ -60,10 +60,14 @@ pub trait State {
     fn blocks(&self, user: &str, from: &str) -> bool;
     /// Replaces `user`'s block list.
     fn put_blocked(&mut self, user: &str, users: HashSet<String>);
-    /// The original `(msg_id, ts)` of (`user`, `id`) if accepted at or after `min_ts`.
-    fn dedup(&self, user: &str, id: &str, min_ts: u64) -> Option<(u64, u64)>;
-    /// Remembers (`user`, `id`) → (`msg_id`, `ts`).
-    fn put_dedup(&mut self, user: &str, id: &str, msg_id: u64, ts: u64);
+    /// The dedup key of (`user`, client `id`).
+    fn dedup_key(&self, user: &str, id: &str) -> DedupKey;
+    /// What `key` was accepted as, if at or after `min_ts`.
+    fn dedup(&self, key: DedupKey, min_ts: u64) -> Option<Accepted>;
+    /// Remembers `key` → `accepted`.
+    fn put_dedup(&mut self, key: DedupKey, accepted: Accepted);
+    /// Forgets `key` if its entry is from batch `batch` (which failed).
+    fn forget_dedup(&mut self, key: DedupKey, batch: u64);
     /// Forgets dedup entries accepted before `min_ts`.
     fn expire_dedup(&mut self, min_ts: u64);
     /// Users with an inbox.
@@ -311,12 +315,20 @@ impl State for MemState {
         self.inbox_mut(user).blocked = (!users.is_empty()).then(|| Box::new(users));
     }
 
-    fn dedup(&self, user: &str, id: &str, min_ts: u64) -> Option<(u64, u64)> {
-        self.dedup.get(user, id, min_ts)
+    fn dedup_key(&self, user: &str, id: &str) -> DedupKey {
+        self.dedup.key(user, id)
     }
 
-    fn put_dedup(&mut self, user: &str, id: &str, msg_id: u64, ts: u64) {
-        self.dedup.put(user, id, msg_id, ts);
+    fn dedup(&self, key: DedupKey, min_ts: u64) -> Option<Accepted> {
+        self.dedup.get(key, min_ts)
+    }
+
+    fn put_dedup(&mut self, key: DedupKey, accepted: Accepted) {
+        self.dedup.put(key, accepted);
+    }
+
+    fn forget_dedup(&mut self, key: DedupKey, batch: u64) {
+        self.dedup.forget(key, batch);
     }
 
     fn expire_dedup(&mut self, min_ts: u64) {
@@ -452,14 +464,20 @@ mod tests {
     #[test]
     fn dedup_expires_but_keeps_reaccepted_keys() {
         let mut s = MemState::new(1000);
-        s.put_dedup("a", "x", 1, 10);
-        s.put_dedup("a", "y", 2, 20);
-        assert_eq!(s.dedup("a", "x", 5), Some((1, 10)));
-        assert_eq!(s.dedup("a", "x", 11), None, "outside the window");
-        s.put_dedup("a", "x", 3, 30);
+        let (x, y) = (s.dedup_key("a", "x"), s.dedup_key("a", "y"));
+        let at = |msg_id, ts| Accepted {
+            msg_id,
+            ts,
+            batch: 0,
+        };
+        s.put_dedup(x, at(1, 10));
+        s.put_dedup(y, at(2, 20));
+        assert_eq!(s.dedup(x, 5), Some(at(1, 10)));
+        assert_eq!(s.dedup(x, 11), None, "outside the window");
+        s.put_dedup(x, at(3, 30));
         s.expire_dedup(25);
-        assert_eq!(s.dedup("a", "x", 0), Some((3, 30)));
-        assert_eq!(s.dedup("a", "y", 0), None);
+        assert_eq!(s.dedup(x, 0), Some(at(3, 30)));
+        assert_eq!(s.dedup(y, 0), None);
     }
 
     /// DESIGN.md §6: every online user has an inbox, idle or not. Today's sizes:
