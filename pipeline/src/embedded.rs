@@ -14,9 +14,10 @@
 //! mailbox's wake socket or the stop socket is readable (with a backlog: at most
 //! [`BACKLOG_RETRY_MS`]).
 //!
-//! The flush is awaited, not raced against new requests, for a glommio reason: while
-//! its one task stays runnable, glommio 0.9 looks at completed I/O only when its
-//! preemption timer fires, which made commits ~20 ms late under load.
+//! The flush is awaited, not raced against new requests. It is blocking system calls
+//! now (see [`crate::log`]); when it was glommio I/O, racing it failed for a glommio
+//! reason: while its one task stays runnable, glommio 0.9 looks at completed I/O only
+//! when its preemption timer fires, which made commits ~20 ms late under load.
 
 use std::fs::{File, OpenOptions};
 use std::io;
