@@ -107,6 +107,20 @@ fn prepare_file(path: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Runs a system call until it is not interrupted; its result, or the error.
+fn retry_eintr(mut call: impl FnMut() -> isize) -> io::Result<usize> {
+    loop {
+        let r = call();
+        if r >= 0 {
+            return Ok(r as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
 fn align_down(v: u64) -> u64 {
     v - v % LOG_BLOCK_BYTES as u64
 }
@@ -247,20 +261,17 @@ impl EmbeddedLog {
         // From here on a failure may leave any of these bytes on disk.
         self.dirty_end = self.dirty_end.max(block_start + len as u64);
         let fd = self.file.as_raw_fd();
-        // SAFETY: `buf` is `len` initialised, aligned bytes that outlive the call.
-        let written =
-            unsafe { libc::pwrite(fd, buf.as_ptr().cast(), len, block_start as libc::off_t) };
-        if written < 0 {
-            return Err(self.context("writing", io::Error::last_os_error()));
-        }
-        let written = written as usize;
+        let written = retry_eintr(|| {
+            // SAFETY: `buf` is `len` initialised, aligned bytes that outlive the call.
+            unsafe { libc::pwrite(fd, buf.as_ptr().cast(), len, block_start as libc::off_t) }
+        })
+        .map_err(|e| self.context("writing", e))?;
         if written != len {
             return Err(self.context("writing", format!("short write: {written} of {len} bytes")));
         }
         // SAFETY: fdatasync only reads the descriptor, which `self.file` keeps open.
-        if unsafe { libc::fdatasync(fd) } != 0 {
-            return Err(self.context("syncing", io::Error::last_os_error()));
-        }
+        retry_eintr(|| unsafe { libc::fdatasync(fd) } as isize)
+            .map_err(|e| self.context("syncing", e))?;
         // Durable. Keep the new partial block for the next write.
         let new_len = self.durable_len + self.staged.len() as u64;
         let new_block = align_down(new_len);
