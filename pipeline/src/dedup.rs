@@ -5,8 +5,8 @@
 //! The engine enters a message when it accepts it, before its batch is durable, so a
 //! send costs one lookup in this table, not a lookup and a later insert: the table
 //! outgrows the caches, and each probe was a miss. The batch id tells the engine
-//! whether the original is durable yet; the entries of a batch that fails are
-//! [`forget`](DedupTable::forget)-ten.
+//! whether the original is durable yet, and the engine
+//! [forgets](DedupTable::forget) the entries of a batch that fails.
 //!
 //! At a steady send rate the table holds every message of the window, so it is the
 //! pipeline's largest map and the one that grows fastest. Two things keep it from
@@ -18,8 +18,8 @@
 //!   doubling is [`SHARDS`] times smaller.
 //! - Keys are fixed-size fingerprints, not copies of the two strings, and the expiry
 //!   queue is a list of fixed-size chunks, not one ring that is copied as it doubles.
-//!   An entry costs 60–100 bytes (with the maps' spare room) and no allocation of
-//!   its own; with the two strings copied twice it was about 250.
+//!   An entry costs 70–120 bytes (with the maps' spare room, the batch id included)
+//!   and no allocation of its own; with the two strings copied twice it was about 250.
 //!
 //! A fingerprint is 128 bits of two SipHash-1-3 keyed with random keys per process.
 //! Two different keys share one with a probability of 2^-128, and a client cannot
