@@ -206,16 +206,7 @@ impl Conn {
 
     fn send_bytes(&self, bytes: &[u8]) -> bool {
         self.last_send_ns.set(mono_ns());
-        match send_or_queue(self.fd.get(), &mut self.out.borrow_mut(), bytes) {
-            Ok(false) => {}
-            Ok(true) => self.wake.notify(),
-            Err(_) => {
-                self.broken.set(true);
-                self.wake.notify();
-                return false;
-            }
-        }
-        true
+        send_or_mark_broken(self.fd.get(), &self.out, &self.wake, &self.broken, bytes)
     }
 
     /// Writes queued output. Ok(true) when the queue is empty.
@@ -289,9 +280,36 @@ pub(crate) fn raw_send(fd: RawFd, bytes: &[u8]) -> io::Result<usize> {
     }
 }
 
-/// Reads everything the socket has into the thread's buffer and feeds `on_bytes`.
-/// Ok(false) at end of stream.
-fn read_available(fd: RawFd, mut on_bytes: impl FnMut(&[u8]) -> bool) -> io::Result<bool> {
+/// [`send_or_queue`] for a connection's owner: wakes the writer when `out` starts to
+/// hold bytes; on failure marks the connection `broken`, wakes the writer to notice,
+/// and returns false.
+pub(crate) fn send_or_mark_broken(
+    fd: RawFd,
+    out: &RefCell<Vec<u8>>,
+    wake: &Notify,
+    broken: &Cell<bool>,
+    bytes: &[u8],
+) -> bool {
+    match send_or_queue(fd, &mut out.borrow_mut(), bytes) {
+        Ok(false) => true,
+        Ok(true) => {
+            wake.notify();
+            true
+        }
+        Err(_) => {
+            broken.set(true);
+            wake.notify();
+            false
+        }
+    }
+}
+
+/// Reads everything the socket has into the thread's buffer and feeds `on_bytes`,
+/// until it returns false or a read comes back short. Ok(false) at end of stream.
+pub(crate) fn read_available(
+    fd: RawFd,
+    mut on_bytes: impl FnMut(&[u8]) -> bool,
+) -> io::Result<bool> {
     READ_BUF.with(|b| {
         let mut buf = b.borrow_mut();
         loop {

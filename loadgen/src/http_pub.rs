@@ -17,7 +17,7 @@ use std::rc::Rc;
 use monoio::net::TcpStream;
 
 use crate::cli::WsUrl;
-use crate::conn::{flush_queue, send_or_queue, Notify};
+use crate::conn::{flush_queue, read_available, send_or_mark_broken, Notify};
 
 /// Largest answer head or body we accept.
 const ANSWER_MAX: usize = 64 * 1024;
@@ -90,16 +90,13 @@ impl HttpPublisher {
             body.len()
         );
         self.pending.borrow_mut().push_back(scheduled_ns);
-        match send_or_queue(self.fd, &mut self.out.borrow_mut(), request.as_bytes()) {
-            Ok(false) => {}
-            Ok(true) => self.wake.notify(),
-            Err(_) => {
-                self.broken.set(true);
-                self.wake.notify();
-                return false;
-            }
-        }
-        true
+        send_or_mark_broken(
+            self.fd,
+            &self.out,
+            &self.wake,
+            &self.broken,
+            request.as_bytes(),
+        )
     }
 
     /// Asks the task to end once every request is answered (or the connection breaks).
@@ -161,43 +158,40 @@ impl HttpPublisher {
         answers: &mut AnswerReader,
         on_answer: &mut impl FnMut(Answer),
     ) -> io::Result<bool> {
-        let mut buf = [0u8; 16 * 1024];
-        loop {
-            // SAFETY: `buf` is a live local array; recv(2) writes at most its length and
-            // we read only what it reports.
-            let n = unsafe {
-                libc::recv(
-                    self.fd,
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    libc::MSG_DONTWAIT,
-                )
-            };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                match e.kind() {
-                    io::ErrorKind::WouldBlock => return Ok(true),
-                    io::ErrorKind::Interrupted => continue,
-                    _ => return Err(e),
+        let mut failed = None;
+        let open = read_available(self.fd, |bytes| {
+            answers.feed(bytes);
+            match self.take_answers(answers, on_answer) {
+                Ok(()) => true,
+                Err(e) => {
+                    failed = Some(e);
+                    false
                 }
             }
-            if n == 0 {
-                return Ok(false);
-            }
-            answers.feed(&buf[..n as usize]);
-            while let Some(status) = answers.next_status()? {
-                let Some(scheduled_ns) = self.pending.borrow_mut().pop_front() else {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "an answer to no request",
-                    ));
-                };
-                on_answer(Answer {
-                    scheduled_ns,
-                    status,
-                });
-            }
+        })?;
+        failed.map_or(Ok(open), Err)
+    }
+
+    /// Hands every complete answer in `answers` to `on_answer`, with its request's
+    /// scheduled time.
+    fn take_answers(
+        &self,
+        answers: &mut AnswerReader,
+        on_answer: &mut impl FnMut(Answer),
+    ) -> io::Result<()> {
+        while let Some(status) = answers.next_status()? {
+            let Some(scheduled_ns) = self.pending.borrow_mut().pop_front() else {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "an answer to no request",
+                ));
+            };
+            on_answer(Answer {
+                scheduled_ns,
+                status,
+            });
         }
+        Ok(())
     }
 }
 
