@@ -41,9 +41,11 @@ const CLOSE_LINGER_MS: u64 = 1_000;
 /// of it, the unwritten rest moves to the front (a reader that never quite catches up
 /// would otherwise grow the queue's buffer without end).
 const COMPACT_AFTER_BYTES: usize = 64 << 10;
-/// Emptied outbound queues a shard keeps for reuse, and the largest buffer it keeps:
-/// at most 4 MiB per shard.
-const OUT_POOL_QUEUES: usize = 256;
+/// The buffer bytes a shard's pool of emptied outbound queues may hold, and the
+/// largest buffer it keeps. Bounded by bytes, not count: a group message queues on
+/// every member's connection at once, and a pool smaller than that burst would
+/// allocate and grow a buffer for each member past it, every time.
+const OUT_POOL_BYTES: usize = 4 << 20;
 const OUT_POOL_BUF_BYTES: usize = 16 << 10;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,25 +99,42 @@ pub struct Outbound {
 // Boxes, as connections hold them: taking one from the pool allocates nothing.
 #[allow(clippy::vec_box)]
 #[derive(Default)]
-pub struct OutPool(RefCell<Vec<Box<Outbound>>>);
+pub struct OutPool {
+    free: RefCell<Vec<Box<Outbound>>>,
+    /// What the queues in `free` hold: [`Outbound::pooled_bytes`] summed.
+    bytes: Cell<usize>,
+}
 
 impl OutPool {
     fn take(&self) -> Box<Outbound> {
-        self.0.borrow_mut().pop().unwrap_or_default()
+        match self.free.borrow_mut().pop() {
+            Some(out) => {
+                self.bytes.set(self.bytes.get() - out.pooled_bytes());
+                out
+            }
+            None => Box::default(),
+        }
     }
 
     fn give(&self, mut out: Box<Outbound>) {
-        let mut free = self.0.borrow_mut();
-        if free.len() < OUT_POOL_QUEUES && out.buf.capacity() <= OUT_POOL_BUF_BYTES {
-            out.buf.clear();
-            out.written = 0;
-            out.unit_end = 0;
-            free.push(out);
+        let bytes = out.pooled_bytes();
+        if out.buf.capacity() > OUT_POOL_BUF_BYTES || self.bytes.get() + bytes > OUT_POOL_BYTES {
+            return;
         }
+        out.buf.clear();
+        out.written = 0;
+        out.unit_end = 0;
+        self.free.borrow_mut().push(out);
+        self.bytes.set(self.bytes.get() + bytes);
     }
 }
 
 impl Outbound {
+    /// The memory a pooled queue holds: its box and its buffer.
+    fn pooled_bytes(&self) -> usize {
+        std::mem::size_of::<Self>() + self.buf.capacity()
+    }
+
     fn queued(&self) -> usize {
         self.buf.len() - self.written
     }
@@ -1137,6 +1156,42 @@ mod tests {
             )
         };
         assert_eq!(rc, 0, "setsockopt: {}", io::Error::last_os_error());
+    }
+
+    /// The pool keeps a burst's worth of queues, more than any fixed count of them,
+    /// up to its byte bound; it keeps no buffer past the largest size, and a queue
+    /// taken from it comes back empty.
+    #[test]
+    fn the_queue_pool_is_bounded_by_bytes() {
+        let queue = |bytes: usize| {
+            let mut out = Box::<Outbound>::default();
+            out.buf.reserve_exact(bytes);
+            out.buf.extend_from_slice(b"abc");
+            out.written = 2;
+            out
+        };
+        let pool = OutPool::default();
+        pool.give(queue(OUT_POOL_BUF_BYTES + 1));
+        assert_eq!(
+            pool.bytes.get(),
+            0,
+            "a buffer past the largest size is freed"
+        );
+
+        let each = queue(4096).pooled_bytes();
+        let fits = OUT_POOL_BYTES / each;
+        assert!(fits > 1000, "a burst on a thousand connections fits");
+        for _ in 0..fits + 10 {
+            pool.give(queue(4096));
+        }
+        assert_eq!(pool.free.borrow().len(), fits);
+        assert_eq!(pool.bytes.get(), fits * each);
+        assert!(pool.bytes.get() <= OUT_POOL_BYTES);
+
+        let out = pool.take();
+        assert_eq!((out.buf.len(), out.written, out.unit_end), (0, 0, 0));
+        assert!(out.buf.capacity() >= 4096, "its grown buffer is reused");
+        assert_eq!(pool.bytes.get(), (fits - 1) * each);
     }
 
     /// The queue cuts only between messages: after the HTTP answer, after the message
