@@ -704,6 +704,11 @@ enum Read {
 
 /// Decodes `bytes` of the session and hands each frame to the handler. Err: the
 /// server broke RFC 6455, as a reason.
+///
+/// Every frame of `bytes` had arrived when the read returned, so they share one
+/// arrival time, taken before any is decoded: decoding the first frames does not
+/// count in the latency of the later ones, and the clock is read once per read
+/// rather than once per frame (a fan-out read carries dozens).
 fn feed_frames<H: Handler>(
     conn: &Rc<Conn>,
     handler: &H,
@@ -711,6 +716,7 @@ fn feed_frames<H: Handler>(
     ending: &mut Ending,
     bytes: &[u8],
 ) -> Result<(), &'static str> {
+    let arrived_ns = mono_ns();
     let r = conn.dec.borrow_mut().feed(bytes, |m| match m {
         ws::Message::Text(p) | ws::Message::Binary(p) => {
             let text = matches!(m, ws::Message::Text(_));
@@ -718,7 +724,7 @@ fn feed_frames<H: Handler>(
                 Ok(Incoming::Goaway { reason }) => {
                     ending.goaway = Some(format!("goaway:{reason}"));
                 }
-                Ok(f) => handler.on_frame(conn, f, mono_ns()),
+                Ok(f) => handler.on_frame(conn, f, arrived_ns),
                 Err(e) => handler.on_bad_frame(conn, e.0),
             }
         }
