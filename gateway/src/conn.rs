@@ -772,8 +772,10 @@ impl ConnState {
     }
 
     /// Queues the HTTP answer to the upgrade request, the first bytes of a connection.
-    fn push_http(&mut self, answer: &[u8]) {
-        let out = self.out.get_or_insert_with(Box::default);
+    fn push_http(&mut self, shard: &Shard, answer: &[u8]) {
+        // From the pool like every queue: the pool takes back every emptied queue, so
+        // one made here would add to it for good, once per connection, up to its bound.
+        let out = self.out.get_or_insert_with(|| shard.out_pool.take());
         debug_assert!(out.buf.is_empty(), "the HTTP answer comes first");
         out.buf.extend_from_slice(answer);
         out.unit_end = out.buf.len();
@@ -839,24 +841,24 @@ impl ConnState {
             Ok(Decoded::Complete { value, consumed }) => match value.accept() {
                 Ok(accepted) => {
                     self.enc = accepted.encoding;
-                    self.push_http(&accepted.response);
+                    self.push_http(shard, &accepted.response);
                     self.phase = Phase::AwaitAuth;
                     Some(consumed)
                 }
                 Err(e) => {
-                    self.http_error(e);
+                    self.http_error(shard, e);
                     None
                 }
             },
             Err(e) => {
-                self.http_error(e);
+                self.http_error(shard, e);
                 None
             }
         }
     }
 
-    fn http_error(&mut self, e: ws::HandshakeError) {
-        self.push_http(&e.response());
+    fn http_error(&mut self, shard: &Shard, e: ws::HandshakeError) {
+        self.push_http(shard, &e.response());
         self.close = Some(Box::new(Close::Raw));
     }
 
@@ -1254,7 +1256,7 @@ mod tests {
             set_buffer(peer.as_raw_fd(), libc::SO_RCVBUF, 4096);
             let conn = Conn::accept(&shard, stream).expect("accept");
             set_buffer(conn.fd(), libc::SO_SNDBUF, 4096);
-            conn.st.borrow_mut().push_http(&vec![0; 4 << 20]);
+            conn.st.borrow_mut().push_http(&shard, &vec![0; 4 << 20]);
             assert!(
                 !conn.write_some(&shard).expect("write"),
                 "the peer reads nothing"
