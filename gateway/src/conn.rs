@@ -212,6 +212,8 @@ pub struct Conn {
     io: Readiness,
     /// Set by [`wake`](Self::wake) until the task sees it.
     woken: Cell<bool>,
+    /// In the shard's list of connections to write once the mailbox is empty.
+    write_later: Cell<bool>,
     /// The connection's task while it waits.
     waker: Cell<Option<Waker>>,
     st: RefCell<ConnState>,
@@ -326,6 +328,7 @@ impl Conn {
                 id,
                 io,
                 woken: Cell::new(false),
+                write_later: Cell::new(false),
                 waker: Cell::new(None),
                 st: RefCell::new(ConnState {
                     phase: Phase::Handshake,
@@ -583,6 +586,34 @@ impl Conn {
         self.wake();
     }
 
+    /// Queues a frame that a pipeline event brought, to be written with the others
+    /// once the shard has handled every waiting event ([`write_later`](Self::write_later)).
+    pub fn queue_frame(&self, shard: &Shard, frame: &ServerFrame) {
+        self.st.borrow_mut().push(shard, frame);
+        self.write_later(shard);
+    }
+
+    /// Puts the connection on the shard's list to write once the mailbox is empty,
+    /// instead of waking its task. A group message queues a frame on every member's
+    /// connection: written from the list, that is one `send` each and no task to wake
+    /// and poll.
+    fn write_later(&self, shard: &Shard) {
+        if !self.write_later.replace(true) {
+            shard.write_later.borrow_mut().push(self.id);
+        }
+    }
+
+    /// Writes what [`write_later`](Self::write_later) left. The task is woken only
+    /// when it has something to do: the socket did not take it all, the write
+    /// failed, or a close was requested.
+    pub fn write_queued(&self, shard: &Shard) {
+        self.write_later.set(false);
+        match self.write_some(shard) {
+            Ok(true) if self.st.borrow().close.is_none() => {}
+            _ => self.wake(),
+        }
+    }
+
     pub fn push_error(&self, shard: &Shard, code: ErrorCode, message: &str, id: Option<String>) {
         self.st.borrow_mut().error(shard, code, message, id);
         self.wake();
@@ -674,7 +705,7 @@ impl Conn {
         let enc = st.enc;
         st.push_with(shard, |buf| shard.write_live_msg(msg, seq, enc, buf));
         drop(st);
-        self.wake();
+        self.write_later(shard);
     }
 
     pub fn on_timer(&self, shard: &Shard, now: u64) {

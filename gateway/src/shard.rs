@@ -60,6 +60,9 @@ pub struct Shard {
     live_msg: RefCell<Option<LiveMsg>>,
     /// Emptied outbound queues, for the next connection that queues something.
     pub out_pool: OutPool,
+    /// Connections that pipeline events queued frames for, to be written once the
+    /// mailbox is empty ([`Conn::write_later`]).
+    pub write_later: RefCell<Vec<u64>>,
 }
 
 /// A message and its templates (JSON, rkyv), made on first use.
@@ -105,6 +108,7 @@ impl Shard {
             stop_accepting: Notify::default(),
             live_msg: RefCell::new(None),
             out_pool: OutPool::default(),
+            write_later: RefCell::new(Vec::new()),
         }
     }
 
@@ -127,6 +131,23 @@ impl Shard {
         live.templates[i]
             .get_or_insert_with(|| MsgTemplate::new(&msg_frame(seq, msg), enc))
             .write_ws_message(seq, out);
+    }
+
+    /// Writes what pipeline events queued since the last call (see
+    /// [`Conn::write_later`]).
+    fn write_queued(&self) {
+        let mut ids = std::mem::take(&mut *self.write_later.borrow_mut());
+        for &id in &ids {
+            if let Some(c) = self.conn(id) {
+                c.write_queued(self);
+            }
+        }
+        // The list's allocation is kept for the next round.
+        ids.clear();
+        let mut later = self.write_later.borrow_mut();
+        if later.is_empty() {
+            *later = ids;
+        }
     }
 
     pub fn conn(&self, id: u64) -> Option<Rc<Conn>> {
@@ -226,7 +247,7 @@ impl Shard {
                 dup,
             } => {
                 if let Some(c) = self.conn(conn.conn) {
-                    c.push_frame(
+                    c.queue_frame(
                         self,
                         &ServerFrame::SendOk {
                             id,
@@ -371,12 +392,21 @@ pub async fn run(init: ShardInit, listener: std::net::TcpListener) {
     let s = shard.clone();
     monoio::spawn(async move {
         loop {
-            match mailbox::recv_monoio(&mut events, &waker).await {
-                Ok(ev) => s.handle_event(ev),
-                Err(e) => {
+            while let Some(ev) = events.try_recv() {
+                s.handle_event(ev);
+            }
+            // Every event that was waiting is handled: what they queued goes out now,
+            // one `send` per connection however many of them it got.
+            s.write_queued();
+            if events.prepare_wait() {
+                if let Err(e) = waker.wait().await {
                     tracing::error!(shard = s.index, error = %e, "pipeline mailbox failed");
                     return;
                 }
+            } else {
+                // More came meanwhile: let the connections' tasks read first, so a
+                // busy mailbox cannot keep the clients' requests waiting.
+                yield_once().await;
             }
         }
     });
@@ -404,6 +434,20 @@ pub async fn run(init: ShardInit, listener: std::net::TcpListener) {
         left = shard.conns.borrow().len(),
         "shard drained"
     );
+}
+
+/// Returns after the runtime has run its other ready tasks once.
+async fn yield_once() {
+    let mut yielded = false;
+    std::future::poll_fn(|cx| {
+        if yielded {
+            return std::task::Poll::Ready(());
+        }
+        yielded = true;
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
+    })
+    .await
 }
 
 async fn accept_loop(shard: &Rc<Shard>, listener: &monoio::net::TcpListener) {
