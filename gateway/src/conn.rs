@@ -534,7 +534,7 @@ impl Conn {
     async fn finish(&self, shard: &Shard, close: Close) {
         if let Close::Ws(code, reason) = close {
             let mut st = self.st.borrow_mut();
-            let out = st.out.get_or_insert_with(|| shard.out_pool.take());
+            let out = st.queue(shard);
             ws::close(code, reason, &mut out.buf);
         }
         let flushed = monoio::time::timeout(Duration::from_millis(CLOSE_FLUSH_MS), async {
@@ -788,7 +788,7 @@ impl ConnState {
         if self.close.is_some() {
             return;
         }
-        let out = self.out.get_or_insert_with(|| shard.out_pool.take());
+        let out = self.queue(shard);
         let before = out.buf.len();
         write(&mut out.buf);
         if out.queued() > shard.limits.outbound_bytes_max {
@@ -802,11 +802,16 @@ impl ConnState {
         ShardMetrics::inc(&shard.metrics.frames_out);
     }
 
+    /// The outbound queue, taken from the shard's pool if there is none. Every queue
+    /// comes from here: the pool takes back every emptied one, so a queue made
+    /// elsewhere would add to the pool for good.
+    fn queue(&mut self, shard: &Shard) -> &mut Outbound {
+        self.out.get_or_insert_with(|| shard.out_pool.take())
+    }
+
     /// Queues the HTTP answer to the upgrade request, the first bytes of a connection.
     fn push_http(&mut self, shard: &Shard, answer: &[u8]) {
-        // From the pool like every queue: the pool takes back every emptied queue, so
-        // one made here would add to it for good, once per connection, up to its bound.
-        let out = self.out.get_or_insert_with(|| shard.out_pool.take());
+        let out = self.queue(shard);
         debug_assert!(out.buf.is_empty(), "the HTTP answer comes first");
         out.buf.extend_from_slice(answer);
         out.unit_end = out.buf.len();
