@@ -108,8 +108,13 @@ pub struct Snapshot {
 }
 
 impl Progress {
+    /// Adds `n` to one of a worker's counters. Only its own thread writes them, so a
+    /// load and a store do, without the locked read-modify-write of `fetch_add`.
     pub fn add(counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Ordering::Relaxed);
+        counter.store(
+            counter.load(Ordering::Relaxed).wrapping_add(n),
+            Ordering::Relaxed,
+        );
     }
 
     pub fn snapshot(&self) -> Snapshot {
