@@ -346,6 +346,10 @@ impl ClientFrame {
     /// `type` or a missing or ill-formed field is an error. rkyv: the archive is always
     /// validated before it is read.
     pub fn decode(enc: Encoding, bytes: &[u8]) -> Result<ClientFrame, DecodeError> {
+        if enc == Encoding::Json && json::type_first(bytes) {
+            return json::decode_client(bytes)
+                .map_err(|e| DecodeError::new("invalid JSON frame", e));
+        }
         decode_with(enc, bytes)
     }
 
@@ -407,6 +411,7 @@ impl ServerFrame {
 }
 
 /// `msg_id` in JSON: a u64 as a decimal string of ASCII digits (no sign, no spaces).
+mod json;
 mod msg_template;
 pub use msg_template::MsgTemplate;
 

@@ -601,6 +601,108 @@ fn rkyv_out_of_range_enum_tag_is_an_error() {
     );
 }
 
+// --- the type-first JSON decoder (frame/json.rs) against serde's derive ---
+
+/// Decodes `text` both ways; both must accept it as the same frame or both refuse it.
+fn both_ways(text: &str) -> Result<ClientFrame, ()> {
+    assert!(super::json::type_first(text.as_bytes()), "{text:?}");
+    let fast = super::json::decode_client(text.as_bytes());
+    let derive = serde_json::from_str::<ClientFrame>(text);
+    match (fast, derive) {
+        (Ok(a), Ok(b)) => {
+            assert_eq!(a, b, "{text:?}");
+            Ok(a)
+        }
+        (Err(_), Err(_)) => Err(()),
+        (a, b) => panic!("{text:?}: type-first {a:?}, derive {b:?}"),
+    }
+}
+
+#[test]
+fn only_a_plain_first_type_key_takes_the_direct_way() {
+    for yes in [
+        r#"{"type":"ping"}"#,
+        " \n{ \t\"type\" : \"ping\" }",
+        r#"{"type""#,
+    ] {
+        assert!(super::json::type_first(yes.as_bytes()), "{yes:?}");
+    }
+    for no in [
+        r#"{"seq":1,"type":"ack"}"#,
+        r#"{"\u0074ype":"ping"}"#,
+        r#"["type"]"#,
+        r#""type""#,
+        r#"{"typ"#,
+        "",
+    ] {
+        assert!(!super::json::type_first(no.as_bytes()), "{no:?}");
+    }
+    // Either way, the same frame.
+    assert_eq!(
+        decode_client_json(r#"{"seq":1,"type":"ack"}"#).unwrap(),
+        decode_client_json(r#"{"type":"ack","seq":1}"#).unwrap()
+    );
+}
+
+#[test]
+fn the_type_first_decoder_accepts_and_refuses_what_the_derive_does() {
+    let good = [
+        r#"{"type":"ping"}"#,
+        r#"{"type":"ping","x":1,"seq":"not a number","to":[1,{"a":null}]}"#,
+        r#"{"type":"ack","seq":1,"id":5,"token":{"x":[]}}"#,
+        r#"{"type":"ack","seq":18446744073709551615}"#,
+        r#"{"type":"auth","token":"t"}"#,
+        r#"{"type":"auth","token":"t","device":null,"last_seq":null}"#,
+        r#"{"type":"auth","token":"t\u00e9\n","device":"d","last_seq":7}"#,
+        r#"{"type":"send","id":"c-1","to":{"user":"bob"},"body":"hi"}"#,
+        r#"{"type":"send","body":"\ud83d\ude00 \"q\"","to":{"group":"g"},"id":"c"}"#,
+        r#"{"type":"send","id":"c","to":{"user":"b"},"body":"x","limit":-1}"#,
+        r#"{"type":"s\u0065nd","id":"c","t\u006f":{"user":"b"},"body":"x"}"#,
+        r#"{"type":"sync","after":0,"limit":4294967295}"#,
+        "{ \"type\" : \"sync\" , \"limit\" : 1 , \"after\" : 2 }\n",
+    ];
+    for text in good {
+        assert!(both_ways(text).is_ok(), "{text:?} must decode");
+    }
+    let bad = [
+        r#"{"type":"pang"}"#,
+        r#"{"type":"PING"}"#,
+        r#"{"type":7}"#,
+        r#"{"type":null}"#,
+        r#"{"type":"ping","type":"ping"}"#,
+        r#"{"type":"ack","seq":1,"type":"ping"}"#,
+        r#"{"type":"ack","seq":1,"seq":2}"#,
+        r#"{"type":"auth","token":"t","device":null,"device":"d"}"#,
+        r#"{"type":"ping"} trailing"#,
+        r#"{"type":"ping""#,
+        r#"{"type":"ping",}"#,
+        r#"{"type":"send","id":"c","to":{"user":"b"}}"#,
+        r#"{"type":"send","id":"c","to":{"users":"b"},"body":"x"}"#,
+        r#"{"type":"send","id":"c","to":{"user":"b","group":"g"},"body":"x"}"#,
+        r#"{"type":"send","id":"c","to":"bob","body":"x"}"#,
+        r#"{"type":"send","id":5,"to":{"user":"b"},"body":"x"}"#,
+        r#"{"type":"ack"}"#,
+        r#"{"type":"ack","seq":-1}"#,
+        r#"{"type":"ack","seq":"5"}"#,
+        r#"{"type":"ack","seq":1.5}"#,
+        r#"{"type":"ack","seq":18446744073709551616}"#,
+        r#"{"type":"sync","after":0,"limit":4294967296}"#,
+        r#"{"type":"sync","after":0}"#,
+        r#"{"type":"auth"}"#,
+        r#"{"type":"auth","token":"t","last_seq":"1"}"#,
+        r#"{"type":"auth","token":null}"#,
+    ];
+    for text in bad {
+        assert!(both_ways(text).is_err(), "{text:?} must not decode");
+    }
+    assert!(super::json::decode_client(b"{\"type\":\"auth\",\"token\":\"\xff\"}").is_err());
+    // The derive's words for what is wrong, both ways.
+    let e = decode_client_json(r#"{"type":"send","id":"c","to":{"user":"b"}}"#).unwrap_err();
+    assert!(e.message().contains("missing field `body`"), "{e}");
+    let e = decode_client_json(r#"{"type":"ack","seq":1,"seq":2}"#).unwrap_err();
+    assert!(e.message().contains("duplicate field `seq`"), "{e}");
+}
+
 // --- property tests ---
 
 fn id() -> impl Strategy<Value = String> {
@@ -732,6 +834,21 @@ proptest! {
     fn server_frames_round_trip(frame in server_frame(), enc in encoding()) {
         let bytes = frame.encode(enc);
         prop_assert_eq!(ServerFrame::decode(enc, &bytes).unwrap(), frame);
+    }
+
+    #[test]
+    fn json_client_frames_decode_the_same_both_ways(frame in client_frame(), at in any::<prop::sample::Index>(), byte in any::<u8>()) {
+        let mut bytes = frame.encode(Encoding::Json);
+        prop_assert!(super::json::type_first(&bytes));
+        prop_assert_eq!(super::json::decode_client(&bytes).unwrap(), frame);
+        // One byte changed: where it is still type-first, both ways agree.
+        let i = at.index(bytes.len());
+        bytes[i] = byte;
+        if super::json::type_first(&bytes) {
+            let fast = super::json::decode_client(&bytes).ok();
+            let derive = serde_json::from_slice::<ClientFrame>(&bytes).ok();
+            prop_assert_eq!(fast, derive);
+        }
     }
 
     #[test]
