@@ -718,7 +718,7 @@ impl<S: State> Engine<S> {
             msg: Arc::new(Message {
                 msg_id,
                 ts: now_ms,
-                from: from.clone(),
+                from,
                 from_device,
                 to,
                 body,
