@@ -14,7 +14,7 @@
 
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{fence, AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crossbeam_queue::ArrayQueue;
@@ -25,8 +25,14 @@ struct Wake {
 }
 
 impl Wake {
+    /// Called after a push. The flag is read before it is written: a swap on every
+    /// send took the flag's cache line from the receiver's core each time, though the
+    /// receiver is seldom asleep. The fence orders the push before the read, as the
+    /// receiver's `prepare_wait` orders its flag before its look at the queues: one of
+    /// the two sides sees the other's write, so no value is left unannounced.
     fn notify(&self) {
-        if self.sleeping.swap(false, Ordering::SeqCst) {
+        fence(Ordering::SeqCst);
+        if self.sleeping.load(Ordering::Relaxed) && self.sleeping.swap(false, Ordering::SeqCst) {
             // A full socket buffer means a wake-up is already pending: that is fine.
             let _ = (&self.tx).write(&[1]);
         }
@@ -236,5 +242,49 @@ mod tests {
         });
         producer.join().unwrap();
         assert_eq!(sum, (0..10_000u64).sum::<u64>());
+    }
+
+    /// A sender that pauses between values, so the receiver goes to sleep again and
+    /// again, and every value must wake it: a lost wake-up fails the wait's deadline.
+    #[test]
+    fn no_wake_up_is_lost_when_the_receiver_keeps_falling_asleep() {
+        const VALUES: u64 = 3_000;
+        let (mut txs, mut rx) = mailbox::<u64>(1, 1024).unwrap();
+        let sock = rx.take_wake_socket().unwrap();
+        let tx = txs.pop().unwrap();
+        let producer = std::thread::spawn(move || {
+            for i in 0..VALUES {
+                let mut v = i;
+                while let Err(Full(back)) = tx.send(v) {
+                    v = back;
+                    std::thread::yield_now();
+                }
+                // Vary the gap, so sends meet the receiver at every step of going to sleep.
+                for _ in 0..(i * 7919 % 2000) {
+                    std::hint::spin_loop();
+                }
+                if i % 64 == 0 {
+                    std::thread::sleep(std::time::Duration::from_micros(50));
+                }
+            }
+        });
+        let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+            .enable_timer()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let waker = MonoioWaker::new(sock).unwrap();
+            for expect in 0..VALUES {
+                let v = monoio::time::timeout(
+                    std::time::Duration::from_secs(20),
+                    recv_monoio(&mut rx, &waker),
+                )
+                .await
+                .unwrap_or_else(|_| panic!("value {expect} was queued but never announced"))
+                .unwrap();
+                assert_eq!(v, expect);
+            }
+        });
+        producer.join().unwrap();
     }
 }
