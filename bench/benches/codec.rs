@@ -127,6 +127,15 @@ fn frames(c: &mut Criterion) {
     }
     group.finish();
 
+    // Making a message's template: once per message, shard and encoding.
+    let mut group = c.benchmark_group("msg_template_new");
+    for enc in [Encoding::Json, Encoding::Rkyv] {
+        group.bench_function(enc.subprotocol(), |b| {
+            b.iter(|| MsgTemplate::new(black_box(&msg), enc))
+        });
+    }
+    group.finish();
+
     let mut group = c.benchmark_group("encode_msg");
     for enc in [Encoding::Json, Encoding::Rkyv] {
         group.bench_function(enc.subprotocol(), |b| {

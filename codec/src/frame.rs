@@ -410,11 +410,11 @@ impl ServerFrame {
     }
 }
 
-/// `msg_id` in JSON: a u64 as a decimal string of ASCII digits (no sign, no spaces).
 mod json;
 mod msg_template;
-pub use msg_template::MsgTemplate;
+pub use msg_template::{MsgParts, MsgTemplate};
 
+/// `msg_id` in JSON: a u64 as a decimal string of ASCII digits (no sign, no spaces).
 mod u64_as_string {
     use serde::{de::Error, Deserialize, Deserializer, Serializer};
 

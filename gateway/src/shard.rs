@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use flare_codec::frame::{Encoding, GoawayReason, MsgTemplate, ServerFrame};
+use flare_codec::frame::{Encoding, GoawayReason, MsgParts, MsgTemplate, ServerFrame};
 use flare_pipeline::api::{ConnRef, Event, Message, Request};
 use flare_shard::mailbox::{self, MonoioWaker, Receiver, Sender};
 use flare_shard::slab::Slab;
@@ -129,7 +129,17 @@ impl Shard {
             Encoding::Rkyv => 1,
         };
         live.templates[i]
-            .get_or_insert_with(|| MsgTemplate::new(&msg_frame(seq, msg), enc))
+            .get_or_insert_with(|| {
+                let parts = MsgParts {
+                    msg_id: msg.msg_id,
+                    from: &msg.from,
+                    from_device: &msg.from_device,
+                    to: &msg.to,
+                    body: &msg.body,
+                    ts: msg.ts,
+                };
+                MsgTemplate::of(&parts, enc)
+            })
             .write_ws_message(seq, out);
     }
 

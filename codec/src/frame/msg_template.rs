@@ -7,7 +7,9 @@
 //! little-endian u64 at a fixed offset of the archive, found once by encoding the
 //! frame with two different values; the copy is patched there.
 
-use super::{Encoding, ServerFrame};
+use serde::Serialize;
+
+use super::{Encoding, ServerFrame, Target};
 use crate::ws::{self, Opcode};
 
 /// A `msg` frame, encoded once in one encoding, ready to be written as a WebSocket
@@ -34,6 +36,34 @@ fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
     }
 }
 
+/// A `msg` frame but its `seq`, borrowed from wherever the message is kept, so a
+/// template is made without copying the message into a frame first.
+#[derive(Debug, Clone, Copy)]
+pub struct MsgParts<'a> {
+    pub msg_id: u64,
+    pub from: &'a str,
+    pub from_device: &'a str,
+    pub to: &'a Target,
+    pub body: &'a str,
+    pub ts: u64,
+}
+
+/// The JSON of a [`ServerFrame::Msg`], field for field as its derive writes it (the
+/// tests compare the bytes), from borrowed parts.
+#[derive(Serialize)]
+struct MsgJson<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    seq: u64,
+    #[serde(with = "super::u64_as_string")]
+    msg_id: u64,
+    from: &'a str,
+    from_device: &'a str,
+    to: &'a Target,
+    body: &'a str,
+    ts: u64,
+}
+
 impl MsgTemplate {
     /// Encodes `frame`, which must be a [`ServerFrame::Msg`] (its own `seq` is ignored).
     ///
@@ -55,32 +85,58 @@ impl MsgTemplate {
                 frame.type_name()
             );
         };
-        let with_seq = |seq| ServerFrame::Msg {
-            seq,
-            msg_id: *msg_id,
-            from: from.clone(),
-            from_device: from_device.clone(),
-            to: to.clone(),
-            body: body.clone(),
-            ts: *ts,
-        };
+        MsgTemplate::of(
+            &MsgParts {
+                msg_id: *msg_id,
+                from,
+                from_device,
+                to,
+                body,
+                ts: *ts,
+            },
+            enc,
+        )
+    }
+
+    /// Encodes the `msg` frame of `parts`.
+    pub fn of(parts: &MsgParts<'_>, enc: Encoding) -> MsgTemplate {
         match enc {
             Encoding::Json => {
-                let mut bytes = with_seq(0).encode(enc);
-                // Every string value is escaped, so the first `"seq":0` with bare
-                // quotes is the field itself.
-                const FIELD: &[u8] = b"\"seq\":0";
-                let start = bytes
-                    .windows(FIELD.len())
-                    .position(|w| w == FIELD)
-                    .expect("a msg frame's JSON holds its seq");
-                let at = start + FIELD.len() - 1;
+                let json = MsgJson {
+                    kind: "msg",
+                    seq: 0,
+                    msg_id: parts.msg_id,
+                    from: parts.from,
+                    from_device: parts.from_device,
+                    to: parts.to,
+                    body: parts.body,
+                    ts: parts.ts,
+                };
+                let mut bytes = Vec::with_capacity(128 + parts.body.len());
+                serde_json::to_writer(&mut bytes, &json)
+                    .expect("a msg frame always serializes to JSON");
+                // `seq` is the second field: its digit follows the `type` and the key.
+                const BEFORE_SEQ: &[u8] = b"{\"type\":\"msg\",\"seq\":";
+                assert!(bytes.starts_with(BEFORE_SEQ) && bytes[BEFORE_SEQ.len()] == b'0');
+                let at = BEFORE_SEQ.len();
                 bytes.remove(at);
                 MsgTemplate { enc, bytes, at }
             }
             Encoding::Rkyv => {
-                let zero = with_seq(0).encode(enc);
-                let ones = with_seq(u64::MAX).encode(enc);
+                let mut frame = ServerFrame::Msg {
+                    seq: 0,
+                    msg_id: parts.msg_id,
+                    from: parts.from.to_owned(),
+                    from_device: parts.from_device.to_owned(),
+                    to: parts.to.clone(),
+                    body: parts.body.to_owned(),
+                    ts: parts.ts,
+                };
+                let zero = frame.encode(enc);
+                if let ServerFrame::Msg { seq, .. } = &mut frame {
+                    *seq = u64::MAX;
+                }
+                let ones = frame.encode(enc);
                 assert_eq!(zero.len(), ones.len(), "rkyv's seq has a fixed width");
                 let at = zero
                     .iter()
