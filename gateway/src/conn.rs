@@ -30,7 +30,7 @@ use flare_pipeline::api::{Entry, Message, Request, SessionIds};
 
 use crate::jwt::{self, TokenError};
 use crate::metrics::ShardMetrics;
-use crate::shard::{msg_frame, now_ms, ws_message, Shard};
+use crate::shard::{msg_frame, now_ms, Shard};
 
 /// Bad frames in a row that close a connection with 4000.
 const BAD_FRAMES_MAX: u8 = 10;
@@ -773,12 +773,8 @@ impl ConnState {
         if matches!(frame, ServerFrame::Error { .. }) {
             ShardMetrics::inc(&shard.metrics.errors_sent);
         }
-        let bytes = ws_message(frame, self.enc);
-        self.push_bytes(shard, &bytes);
-    }
-
-    fn push_bytes(&mut self, shard: &Shard, bytes: &[u8]) {
-        self.push_with(shard, |buf| buf.extend_from_slice(bytes));
+        let enc = self.enc;
+        self.push_with(shard, |buf| shard.write_frame(frame, enc, buf));
     }
 
     /// Queues the one WebSocket message `write` appends. If the queue would pass

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flare_codec::frame::{Encoding, GoawayReason, MsgParts, MsgTemplate, ServerFrame};
+use flare_codec::ws::{self, Opcode};
 use flare_pipeline::api::{ConnRef, Event, Message, Request};
 use flare_shard::mailbox::{self, MonoioWaker, Receiver, Sender};
 use flare_shard::slab::Slab;
@@ -25,6 +26,8 @@ pub const TICK_MS: u64 = 50;
 const WHEEL_SLOTS: usize = 4096;
 /// Size of the shard-owned read buffer that every connection reads into.
 pub const READ_BUF_BYTES: usize = 64 * 1024;
+/// The frame buffer's capacity past which it is freed after use.
+const FRAME_BUF_KEEP_BYTES: usize = 64 * 1024;
 /// Requests kept for the pipeline while its queue is full (then sends get `unavailable`).
 const PIPELINE_BACKLOG_MAX: usize = 65_536;
 
@@ -49,6 +52,9 @@ pub struct Shard {
     pub conns: RefCell<Slab<Rc<Conn>>>,
     pub timers: RefCell<TimerWheel<u64>>,
     pub read_buf: RefCell<Vec<u8>>,
+    /// Where a frame's payload is encoded before its WebSocket header, which holds
+    /// its length, is written to a connection's queue.
+    frame_buf: RefCell<Vec<u8>>,
     to_pipeline: Sender<Request>,
     backlog: RefCell<VecDeque<Request>>,
     session_counter: Cell<u64>,
@@ -100,6 +106,7 @@ impl Shard {
             conns: RefCell::new(Slab::new()),
             timers: RefCell::new(TimerWheel::new(TICK_MS, WHEEL_SLOTS, now_ms())),
             read_buf: RefCell::new(vec![0u8; READ_BUF_BYTES]),
+            frame_buf: RefCell::new(Vec::new()),
             to_pipeline,
             backlog: RefCell::new(VecDeque::new()),
             session_counter: Cell::new(0),
@@ -141,6 +148,24 @@ impl Shard {
                 MsgTemplate::of(&parts, enc)
             })
             .write_ws_message(seq, out);
+    }
+
+    /// Appends the WebSocket message of `frame` in `enc` to `out` (a connection's
+    /// queue): no buffer of its own per frame.
+    pub fn write_frame(&self, frame: &ServerFrame, enc: Encoding, out: &mut Vec<u8>) {
+        let mut payload = self.frame_buf.borrow_mut();
+        payload.clear();
+        frame.encode_into(enc, &mut payload);
+        let opcode = match enc {
+            Encoding::Json => Opcode::Text,
+            Encoding::Rkyv => Opcode::Binary,
+        };
+        ws::encode_header(opcode, true, payload.len(), None, out);
+        out.extend_from_slice(&payload);
+        if payload.capacity() > FRAME_BUF_KEEP_BYTES {
+            // A sync page can be a megabyte: do not hold that for the small frames.
+            *payload = Vec::new();
+        }
     }
 
     /// Writes what pipeline events queued since the last call (see
@@ -502,15 +527,4 @@ async fn accept_loop(shard: &Rc<Shard>, listener: &monoio::net::TcpListener) {
             }
         }
     }
-}
-
-/// Encodes `frame` as one WebSocket message of the session's encoding.
-pub fn ws_message(frame: &ServerFrame, enc: Encoding) -> Vec<u8> {
-    let payload = frame.encode(enc);
-    let mut out = Vec::with_capacity(payload.len() + 10);
-    match enc {
-        Encoding::Json => flare_codec::ws::text(&payload, &mut out),
-        Encoding::Rkyv => flare_codec::ws::binary(&payload, &mut out),
-    }
-    out
 }
