@@ -8,6 +8,8 @@
 
 use std::borrow::Cow;
 
+mod fast_json;
+
 use flare_codec::frame::{ArchivedServerFrame, ClientFrame, ErrorCode, GoawayReason, Target};
 use serde::{Deserialize, Serialize};
 
@@ -189,33 +191,10 @@ pub fn decode(enc: Encoding, is_text: bool, bytes: &[u8]) -> Result<Incoming<'_>
             if !is_text {
                 return Err(BadServerFrame("bad_server_frame:binary_in_json_session"));
             }
-            let f: JsonServerFrame<'_> = serde_json::from_slice(bytes)
-                .map_err(|_| BadServerFrame("bad_server_frame:invalid_json"))?;
-            Ok(match &*f.kind {
-                "auth_ok" => Incoming::AuthOk {
-                    head_seq: need(f.head_seq)?,
-                    heartbeat_ms: need(f.heartbeat_ms)?,
-                },
-                "send_ok" => Incoming::SendOk {
-                    id: need(f.id)?,
-                    dup: need(f.dup)?,
-                },
-                "msg" => Incoming::Msg {
-                    seq: need(f.seq)?,
-                    from: need(f.from)?,
-                    body: need(f.body)?,
-                },
-                "error" => Incoming::Error {
-                    code: need(f.code)?,
-                    id: f.id,
-                },
-                "pong" => Incoming::Pong,
-                "goaway" => Incoming::Goaway {
-                    reason: need(f.reason)?,
-                },
-                "sync_done" => Incoming::SyncDone,
-                _ => return Err(BadServerFrame("bad_server_frame:unknown_type")),
-            })
+            if let Some(frame) = fast_json::decode(bytes) {
+                return Ok(frame);
+            }
+            decode_json(bytes)
         }
         Encoding::Rkyv => {
             if is_text {
@@ -264,6 +243,38 @@ pub fn decode(enc: Encoding, is_text: bool, bytes: &[u8]) -> Result<Incoming<'_>
             })
         }
     }
+}
+
+/// Decodes a JSON server frame with serde: the judge of every frame the shortcut in
+/// `fast_json` does not take.
+fn decode_json(bytes: &[u8]) -> Result<Incoming<'_>, BadServerFrame> {
+    let f: JsonServerFrame<'_> = serde_json::from_slice(bytes)
+        .map_err(|_| BadServerFrame("bad_server_frame:invalid_json"))?;
+    Ok(match &*f.kind {
+        "auth_ok" => Incoming::AuthOk {
+            head_seq: need(f.head_seq)?,
+            heartbeat_ms: need(f.heartbeat_ms)?,
+        },
+        "send_ok" => Incoming::SendOk {
+            id: need(f.id)?,
+            dup: need(f.dup)?,
+        },
+        "msg" => Incoming::Msg {
+            seq: need(f.seq)?,
+            from: need(f.from)?,
+            body: need(f.body)?,
+        },
+        "error" => Incoming::Error {
+            code: need(f.code)?,
+            id: f.id,
+        },
+        "pong" => Incoming::Pong,
+        "goaway" => Incoming::Goaway {
+            reason: need(f.reason)?,
+        },
+        "sync_done" => Incoming::SyncDone,
+        _ => return Err(BadServerFrame("bad_server_frame:unknown_type")),
+    })
 }
 
 /// The body of a load-generator message: `<sender seq>.<scheduled send time, ns of
