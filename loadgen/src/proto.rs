@@ -8,10 +8,10 @@
 
 use std::borrow::Cow;
 
-mod fast_json;
-
 use flare_codec::frame::{ArchivedServerFrame, ClientFrame, ErrorCode, GoawayReason, Target};
 use serde::{Deserialize, Serialize};
+
+mod fast_json;
 
 /// The encoding of a session (PROTOCOL.md §1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
