@@ -208,6 +208,14 @@ mod tests {
         assert_eq!(got, vec![1, 10, 2]);
     }
 
+    /// Sends `v`, yielding while the receiver's queue is full.
+    fn send_retrying(tx: &Sender<u64>, mut v: u64) {
+        while let Err(Full(back)) = tx.send(v) {
+            v = back;
+            std::thread::yield_now();
+        }
+    }
+
     #[test]
     fn wakes_a_sleeping_receiver_across_threads() {
         let (mut txs, mut rx) = mailbox::<u64>(1, 1024).unwrap();
@@ -215,16 +223,7 @@ mod tests {
         let tx = txs.pop().unwrap();
         let producer = std::thread::spawn(move || {
             for i in 0..10_000u64 {
-                let mut v = i;
-                loop {
-                    match tx.send(v) {
-                        Ok(()) => break,
-                        Err(Full(back)) => {
-                            v = back;
-                            std::thread::yield_now();
-                        }
-                    }
-                }
+                send_retrying(&tx, i);
             }
         });
         let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
@@ -254,11 +253,7 @@ mod tests {
         let tx = txs.pop().unwrap();
         let producer = std::thread::spawn(move || {
             for i in 0..VALUES {
-                let mut v = i;
-                while let Err(Full(back)) = tx.send(v) {
-                    v = back;
-                    std::thread::yield_now();
-                }
+                send_retrying(&tx, i);
                 // Vary the gap, so sends meet the receiver at every step of going to sleep.
                 for _ in 0..(i * 7919 % 2000) {
                     std::hint::spin_loop();
