@@ -66,6 +66,8 @@ pub struct Shard {
     live_msg: RefCell<Option<LiveMsg>>,
     /// Emptied outbound queues, for the next connection that queues something.
     pub out_pool: OutPool,
+    /// When `out_pool` was last trimmed, ms since the Unix epoch.
+    pool_trimmed_ms: Cell<u64>,
     /// Connections that pipeline events queued frames for, to be written once the
     /// mailbox is empty ([`Conn::write_later`]).
     pub write_later: RefCell<Vec<u64>>,
@@ -115,6 +117,7 @@ impl Shard {
             stop_accepting: Notify::default(),
             live_msg: RefCell::new(None),
             out_pool: OutPool::default(),
+            pool_trimmed_ms: Cell::new(now_ms()),
             write_later: RefCell::new(Vec::new()),
         }
     }
@@ -349,6 +352,10 @@ impl Shard {
 
     fn on_tick(&self, now: u64) {
         self.retry_backlog();
+        if now >= self.pool_trimmed_ms.get() + conn::OUT_POOL_TRIM_MS {
+            self.pool_trimmed_ms.set(now);
+            self.out_pool.trim();
+        }
         let mut due = Vec::new();
         self.timers.borrow_mut().advance(now, &mut due);
         for id in due {
