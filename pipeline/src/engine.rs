@@ -59,28 +59,53 @@ pub const ADMIN_DEVICE: &str = "admin";
 struct Session {
     user: Rc<str>,
     device: DeviceId,
-    /// Caught up: new entries go out as `Deliver`; before that, catch-up pages carry them.
-    live: bool,
     /// Session start, ms since the Unix epoch.
     since: u64,
+}
+
+/// One of a user's open sessions, as [`Online`] lists it: a group message routes to
+/// every member's sessions from here, with no lookup of the session itself.
+#[derive(Debug, Clone, Copy)]
+struct OnlineConn {
+    conn: u64,
+    endpoint: Endpoint,
+    /// Caught up: new entries go out as `Deliver`; before that, catch-up pages carry them.
+    live: bool,
+}
+
+impl OnlineConn {
+    fn conn_ref(&self) -> ConnRef {
+        ConnRef {
+            endpoint: self.endpoint,
+            conn: self.conn,
+        }
+    }
 }
 
 /// A user's open sessions, one per device. One is the common case and needs no
 /// allocation.
 enum Online {
-    One(ConnRef),
-    Many(Vec<ConnRef>),
+    One(OnlineConn),
+    Many(Vec<OnlineConn>),
 }
 
 impl Online {
-    fn conns(&self) -> &[ConnRef] {
+    fn conns(&self) -> &[OnlineConn] {
         match self {
             Online::One(c) => std::slice::from_ref(c),
             Online::Many(all) => all,
         }
     }
 
-    fn push(&mut self, conn: ConnRef) {
+    fn get_mut(&mut self, conn: ConnRef) -> Option<&mut OnlineConn> {
+        match self {
+            Online::One(c) => Some(c),
+            Online::Many(all) => all.iter_mut().find(|c| c.conn_ref() == conn),
+        }
+        .filter(|c| c.conn_ref() == conn)
+    }
+
+    fn push(&mut self, conn: OnlineConn) {
         match self {
             Online::One(c) => *self = Online::Many(vec![*c, conn]),
             Online::Many(all) => all.push(conn),
@@ -90,9 +115,9 @@ impl Online {
     /// Removes `conn`; returns whether no session is left.
     fn remove(&mut self, conn: ConnRef) -> bool {
         match self {
-            Online::One(c) => *c == conn,
+            Online::One(c) => c.conn_ref() == conn,
             Online::Many(all) => {
-                all.retain(|c| *c != conn);
+                all.retain(|c| c.conn_ref() != conn);
                 match all[..] {
                     [] => true,
                     [one] => {
@@ -428,7 +453,7 @@ impl<S: State> Engine<S> {
             online
                 .conns()
                 .iter()
-                .copied()
+                .map(OnlineConn::conn_ref)
                 .find(|c| sessions[c].device == device_id)
         });
         if let Some(old) = older {
@@ -452,10 +477,15 @@ impl<S: State> Engine<S> {
         };
         let page = self.bounded(self.state.page(&user, after, self.catchup_page));
         let caught_up = !page.more;
+        let listed = OnlineConn {
+            conn: conn.conn,
+            endpoint: conn.endpoint,
+            live: caught_up,
+        };
         match self.online.get_mut(&key) {
-            Some(online) => online.push(conn),
+            Some(online) => online.push(listed),
             None => {
-                self.online.insert(key.clone(), Online::One(conn));
+                self.online.insert(key.clone(), Online::One(listed));
             }
         }
         self.sessions.insert(
@@ -463,7 +493,6 @@ impl<S: State> Engine<S> {
             Session {
                 user: key,
                 device: device_id,
-                live: caught_up,
                 since: now_ms,
             },
         );
@@ -483,7 +512,12 @@ impl<S: State> Engine<S> {
         let Some(session) = self.sessions.get(&conn) else {
             return;
         };
-        if session.live {
+        let live = self
+            .online
+            .get(&session.user)
+            .and_then(|online| online.conns().iter().find(|c| c.conn_ref() == conn))
+            .is_some_and(|c| c.live);
+        if live {
             // Already live: anything after its last page came as `Deliver`.
             self.outputs.push_back((
                 conn.endpoint,
@@ -501,7 +535,9 @@ impl<S: State> Engine<S> {
         let page = self.bounded(self.state.page(&user, after, self.catchup_page));
         let caught_up = !page.more;
         if caught_up {
-            self.sessions.get_mut(&conn).expect("looked up above").live = true;
+            if let Some(listed) = self.online.get_mut(&user).and_then(|o| o.get_mut(conn)) {
+                listed.live = true;
+            }
         }
         self.outputs.push_back((
             conn.endpoint,
@@ -632,7 +668,7 @@ impl<S: State> Engine<S> {
                     .online_conns(&user)
                     .iter()
                     .map(|c| {
-                        let s = &self.sessions[c];
+                        let s = &self.sessions[&c.conn_ref()];
                         DevicePresence {
                             device: self.devices.name(s.device).to_string(),
                             node: self.node_id.clone(),
@@ -646,7 +682,7 @@ impl<S: State> Engine<S> {
                 let kicked: Vec<ConnRef> = self
                     .online_conns(&user)
                     .iter()
-                    .copied()
+                    .map(OnlineConn::conn_ref)
                     .filter(|c| {
                         device
                             .as_deref()
@@ -870,7 +906,7 @@ impl<S: State> Engine<S> {
     }
 
     /// The open sessions of `user`.
-    fn online_conns(&self, user: &str) -> &[ConnRef] {
+    fn online_conns(&self, user: &str) -> &[OnlineConn] {
         self.online.get(user).map_or(&[], Online::conns)
     }
 
@@ -904,7 +940,7 @@ impl<S: State> Engine<S> {
             return;
         };
         for conn in self.online_conns(user) {
-            if self.sessions[conn].live {
+            if conn.live {
                 let e = usize::from(conn.endpoint);
                 if out.len() <= e {
                     out.resize_with(e + 1, Routes::default);

@@ -1107,19 +1107,33 @@ fn pages_are_cut_at_the_byte_budget_but_never_empty() {
 fn session_records_are_small() {
     assert!(std::mem::size_of::<Session>() <= 32);
     assert!(std::mem::size_of::<Online>() <= 24);
+    assert!(std::mem::size_of::<OnlineConn>() <= 16);
 }
 
 #[test]
 fn online_keeps_one_session_inline_and_many_in_order() {
+    let listed = |c: ConnRef| OnlineConn {
+        conn: c.conn,
+        endpoint: c.endpoint,
+        live: false,
+    };
+    let refs = |online: &Online| -> Vec<ConnRef> {
+        online.conns().iter().map(OnlineConn::conn_ref).collect()
+    };
     let (a, b, c) = (conn(0, 1), conn(0, 2), conn(1, 3));
-    let mut online = Online::One(a);
-    online.push(b);
-    online.push(c);
-    assert_eq!(online.conns(), &[a, b, c]);
+    let mut online = Online::One(listed(a));
+    online.push(listed(b));
+    online.push(listed(c));
+    assert_eq!(refs(&online), [a, b, c]);
+    online.get_mut(b).expect("b is listed").live = true;
+    let live: Vec<bool> = online.conns().iter().map(|o| o.live).collect();
+    assert_eq!(live, [false, true, false], "only b went live");
     assert!(!online.remove(b));
-    assert_eq!(online.conns(), &[a, c]);
+    assert_eq!(refs(&online), [a, c]);
+    assert!(online.get_mut(b).is_none(), "b is gone");
     assert!(!online.remove(a));
-    assert!(matches!(online, Online::One(x) if x == c));
+    assert!(matches!(online, Online::One(x) if x.conn_ref() == c));
+    assert!(online.get_mut(a).is_none(), "one entry, and not a");
     assert!(
         !online.remove(a),
         "removing an absent session changes nothing"
