@@ -97,12 +97,16 @@ impl Online {
         }
     }
 
+    fn get(&self, conn: ConnRef) -> Option<&OnlineConn> {
+        self.conns().iter().find(|c| c.conn_ref() == conn)
+    }
+
     fn get_mut(&mut self, conn: ConnRef) -> Option<&mut OnlineConn> {
-        match self {
-            Online::One(c) => Some(c),
-            Online::Many(all) => all.iter_mut().find(|c| c.conn_ref() == conn),
-        }
-        .filter(|c| c.conn_ref() == conn)
+        let all = match self {
+            Online::One(c) => std::slice::from_mut(c),
+            Online::Many(all) => all,
+        };
+        all.iter_mut().find(|c| c.conn_ref() == conn)
     }
 
     fn push(&mut self, conn: OnlineConn) {
@@ -515,7 +519,7 @@ impl<S: State> Engine<S> {
         let live = self
             .online
             .get(&session.user)
-            .and_then(|online| online.conns().iter().find(|c| c.conn_ref() == conn))
+            .and_then(|online| online.get(conn))
             .is_some_and(|c| c.live);
         if live {
             // Already live: anything after its last page came as `Deliver`.

@@ -1133,7 +1133,11 @@ fn online_keeps_one_session_inline_and_many_in_order() {
     assert!(online.get_mut(b).is_none(), "b is gone");
     assert!(!online.remove(a));
     assert!(matches!(online, Online::One(x) if x.conn_ref() == c));
-    assert!(online.get_mut(a).is_none(), "one entry, and not a");
+    assert!(
+        online.get(a).is_none() && online.get_mut(a).is_none(),
+        "one entry, not a"
+    );
+    assert!(online.get(c).is_some_and(|o| !o.live));
     assert!(
         !online.remove(a),
         "removing an absent session changes nothing"
