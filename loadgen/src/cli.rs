@@ -91,6 +91,11 @@ pub struct Common {
     /// Longest wait, after the run, for outstanding acks and deliveries.
     #[arg(long, global = true, default_value = "10s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
+    /// Width of the intervals of the report's latency over time (chat, fanout): each
+    /// message counts in the interval of its scheduled send. A run longer than 300
+    /// intervals gets wider ones.
+    #[arg(long, global = true, default_value = "1s", value_parser = parse_duration)]
+    pub interval: Duration,
     /// Pid of the server, or a comma-separated list whose RSS is summed (e.g. nginx's
     /// workers): its RSS (VmRSS), the host's kernel TCP buffer memory and kernel slab
     /// memory are sampled before connecting and once every session is up (after

@@ -12,6 +12,12 @@ use serde::{Deserialize, Serialize};
 /// Highest value tracked before the histogram grows (it auto-resizes past it).
 const INITIAL_HIGHEST_NS: u64 = 60_000_000_000;
 const SIGNIFICANT_DIGITS: u8 = 3;
+/// Precision of one interval of a [`LatencySeries`]: 2 digits keep a histogram at about
+/// 30 KiB, where 3 take 220 KiB.
+const SERIES_DIGITS: u8 = 2;
+/// Most intervals in a series: a longer run gets wider intervals, so a series holds at
+/// most this many histograms (about 9 MiB) whatever the run's length.
+pub const MAX_INTERVALS: u64 = 300;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct LatencyHist(Histogram<u64>);
@@ -24,7 +30,11 @@ impl Default for LatencyHist {
 
 impl LatencyHist {
     pub fn new() -> LatencyHist {
-        let mut h = Histogram::new_with_bounds(1, INITIAL_HIGHEST_NS, SIGNIFICANT_DIGITS)
+        LatencyHist::with_digits(SIGNIFICANT_DIGITS)
+    }
+
+    fn with_digits(digits: u8) -> LatencyHist {
+        let mut h = Histogram::new_with_bounds(1, INITIAL_HIGHEST_NS, digits)
             .expect("valid histogram bounds");
         h.auto(true);
         LatencyHist(h)
@@ -101,6 +111,111 @@ impl<'de> Deserialize<'de> for LatencyHist {
         let s = String::deserialize(d)?;
         LatencyHist::from_base64(&s).map_err(serde::de::Error::custom)
     }
+}
+
+/// Latency over the run: one histogram per interval, each sample in the interval of its
+/// *scheduled* send time. One histogram of the whole run hides when its tail happened;
+/// here a stall shows as the intervals whose messages waited for it, and the backlog it
+/// left as the ones after. Workers and processes share the run's start, so their series
+/// merge interval by interval, exactly.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LatencySeries {
+    /// Start of the first interval (CLOCK_MONOTONIC ns).
+    start_ns: u64,
+    /// Width of an interval; 0 in a series that was never started (it records nothing).
+    interval_ns: u64,
+    /// Intervals in the run (the last one may be partial).
+    intervals: u64,
+    /// Histograms of the intervals so far, made as samples reach them.
+    slots: Vec<LatencyHist>,
+}
+
+impl LatencySeries {
+    /// A series of the run `[start_ns, start_ns + run_ns)` in intervals of `interval_ns`,
+    /// widened to whole multiples of it if the run would need more than
+    /// [`MAX_INTERVALS`].
+    pub fn new(start_ns: u64, run_ns: u64, interval_ns: u64) -> LatencySeries {
+        let asked = interval_ns.max(1);
+        let widen = run_ns.div_ceil(asked).div_ceil(MAX_INTERVALS).max(1);
+        let interval_ns = asked * widen;
+        LatencySeries {
+            start_ns,
+            interval_ns,
+            intervals: run_ns.div_ceil(interval_ns).max(1),
+            slots: Vec::new(),
+        }
+    }
+
+    /// Width of an interval (ns); 0 if never started.
+    pub fn interval_ns(&self) -> u64 {
+        self.interval_ns
+    }
+
+    /// Records `latency_ns` of a message scheduled at `scheduled_ns`. Samples before the
+    /// start count in the first interval, after the end in the last.
+    pub fn record(&mut self, scheduled_ns: u64, latency_ns: u64) {
+        if self.interval_ns == 0 {
+            return;
+        }
+        let i = (scheduled_ns.saturating_sub(self.start_ns) / self.interval_ns)
+            .min(self.intervals - 1) as usize;
+        while self.slots.len() <= i {
+            self.slots.push(LatencyHist::with_digits(SERIES_DIGITS));
+        }
+        self.slots[i].record(latency_ns);
+    }
+
+    /// Adds every sample of `other`, a series of the same run.
+    pub fn merge(&mut self, other: &LatencySeries) {
+        if other.interval_ns == 0 {
+            return;
+        }
+        if self.interval_ns == 0 {
+            *self = other.clone();
+            return;
+        }
+        assert!(
+            (self.start_ns, self.interval_ns) == (other.start_ns, other.interval_ns),
+            "series of one run share its start and interval"
+        );
+        self.intervals = self.intervals.max(other.intervals);
+        for (i, h) in other.slots.iter().enumerate() {
+            match self.slots.get_mut(i) {
+                Some(mine) => mine.merge(h),
+                None => self.slots.push(h.clone()),
+            }
+        }
+    }
+
+    /// Each interval's figures, every interval of the run included (empty ones with a
+    /// count of 0).
+    pub fn summary(&self) -> Vec<IntervalSummary> {
+        let empty = LatencyHist::with_digits(SERIES_DIGITS);
+        (0..self.intervals as usize)
+            .map(|i| {
+                let s = self.slots.get(i).unwrap_or(&empty).summary();
+                IntervalSummary {
+                    start_secs: (i as u64 * self.interval_ns) as f64 / 1e9,
+                    count: s.count,
+                    p50_us: s.p50_us,
+                    p99_us: s.p99_us,
+                    max_us: s.max_us,
+                }
+            })
+            .collect()
+    }
+}
+
+/// One interval of a [`LatencySeries`] (microseconds, within 1%).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct IntervalSummary {
+    /// Seconds from the run's start to the interval's.
+    pub start_secs: f64,
+    /// Messages scheduled in the interval that arrived.
+    pub count: u64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub max_us: f64,
 }
 
 /// What a report shows of one histogram (microseconds; HdrHistogram's values are
@@ -185,5 +300,69 @@ mod tests {
         assert!((s.p99_us - 990.0).abs() <= 1.0, "{s:?}");
         assert!((s.max_us - 1000.0).abs() <= 1.0, "{s:?}");
         assert_eq!(LatencyHist::new().summary().count, 0);
+    }
+
+    #[test]
+    fn a_series_counts_each_sample_in_the_interval_of_its_scheduled_time() {
+        let mut s = LatencySeries::new(1_000, 3_000_000_000, 1_000_000_000);
+        s.record(1_000, 5_000_000); // at the start
+        s.record(999_999_999 + 1_000, 1_000_000); // the first interval's last nanosecond
+        s.record(1_000_000_000 + 1_000, 2_000_000); // the second's first
+        s.record(0, 3_000_000); // before the start: the first interval
+        s.record(10_000_000_000, 4_000_000); // past the end: the last
+        let v = s.summary();
+        assert_eq!(v.iter().map(|i| i.count).collect::<Vec<_>>(), [3, 1, 1]);
+        assert_eq!(
+            v.iter().map(|i| i.start_secs).collect::<Vec<_>>(),
+            [0.0, 1.0, 2.0]
+        );
+        assert!((v[0].max_us - 5000.0).abs() <= 50.0, "{v:?}");
+        assert!((v[2].p50_us - 4000.0).abs() <= 40.0, "{v:?}");
+        // A series that was never started records nothing and merges as nothing.
+        let mut idle = LatencySeries::default();
+        idle.record(5, 5);
+        assert!(idle.summary().is_empty());
+        let mut copy = s.clone();
+        copy.merge(&idle);
+        assert_eq!(copy, s);
+    }
+
+    #[test]
+    fn series_merged_across_workers_equal_the_series_of_all_samples() {
+        let run = 4_000_000_000;
+        let mut all = LatencySeries::new(0, run, 500_000_000);
+        let mut merged = LatencySeries::default();
+        for seed in 1..=3u64 {
+            let mut part = LatencySeries::new(0, run, 500_000_000);
+            for (i, v) in samples(seed * 104_729, 2_000).into_iter().enumerate() {
+                let at = (i as u64 * 1_999_999 * seed) % run;
+                part.record(at, v);
+                all.record(at, v);
+            }
+            // Shipped between processes as JSON, like a worker's result.
+            let wire = serde_json::to_string(&part).unwrap();
+            merged.merge(&serde_json::from_str(&wire).unwrap());
+        }
+        assert_eq!(merged.summary(), all.summary());
+        assert_eq!(merged.summary().iter().map(|i| i.count).sum::<u64>(), 6_000);
+        assert_eq!(merged.summary().len(), 8);
+    }
+
+    #[test]
+    fn a_long_run_gets_wider_intervals() {
+        // An hour in 100 ms intervals would be 36000 of them.
+        let s = LatencySeries::new(0, 3_600_000_000_000, 100_000_000);
+        assert!(s.summary().len() as u64 <= MAX_INTERVALS);
+        assert_eq!(
+            s.interval_ns() % 100_000_000,
+            0,
+            "a multiple of the width asked for"
+        );
+        assert_eq!(s.interval_ns(), 12_000_000_000);
+        // A short one keeps the width asked for.
+        assert_eq!(
+            LatencySeries::new(0, 10_000_000_000, 100_000_000).interval_ns(),
+            100_000_000
+        );
     }
 }

@@ -4,11 +4,12 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use crate::check::{CheckSummary, SeqSummary};
-use crate::hist::{LatencyHist, LatencySummary};
+use crate::hist::{IntervalSummary, LatencyHist, LatencySeries, LatencySummary};
 use crate::sysmem::MemSample;
 
 fn add_counts(into: &mut BTreeMap<String, u64>, from: &BTreeMap<String, u64>) {
@@ -92,9 +93,18 @@ pub struct MsgStats {
     pub send_ok_latency: LatencyHist,
     /// How late the load generator wrote each message after its scheduled time.
     pub send_lag: LatencyHist,
+    /// `e2e_latency` per interval of the run (by scheduled send time).
+    pub e2e_series: LatencySeries,
 }
 
 impl MsgStats {
+    /// Starts the latency series of a run that began at `t0_ns` (CLOCK_MONOTONIC) and
+    /// lasts `run`, in intervals of `interval`.
+    pub fn start_series(&mut self, t0_ns: u64, run: Duration, interval: Duration) {
+        self.e2e_series =
+            LatencySeries::new(t0_ns, run.as_nanos() as u64, interval.as_nanos() as u64);
+    }
+
     pub fn merge(&mut self, o: &MsgStats) {
         self.scheduled += o.scheduled;
         self.sent += o.sent;
@@ -109,6 +119,7 @@ impl MsgStats {
         self.e2e_latency.merge(&o.e2e_latency);
         self.send_ok_latency.merge(&o.send_ok_latency);
         self.send_lag.merge(&o.send_lag);
+        self.e2e_series.merge(&o.e2e_series);
     }
 }
 
@@ -251,6 +262,10 @@ pub struct MsgReport {
     pub e2e_latency: LatencySummary,
     pub send_ok_latency: LatencySummary,
     pub send_lag: LatencySummary,
+    /// Width of the intervals of `e2e_over_time` (seconds).
+    pub interval_secs: f64,
+    /// End-to-end latency per interval of the run, by scheduled send time.
+    pub e2e_over_time: Vec<IntervalSummary>,
 }
 
 /// Integrity figures of the report.
@@ -371,6 +386,8 @@ impl Report {
             e2e_latency: m.e2e_latency.summary(),
             send_ok_latency: m.send_ok_latency.summary(),
             send_lag: m.send_lag.summary(),
+            interval_secs: m.e2e_series.interval_ns() as f64 / 1e9,
+            e2e_over_time: m.e2e_series.summary(),
         });
         let integrity = input.target_rate.map(|_| {
             // Fanout's receivers cannot see the publishers' acks (other processes), so
@@ -524,6 +541,9 @@ impl Report {
                 "  end-to-end latency (scheduled send to msg): {}",
                 lat(&m.e2e_latency)
             );
+            for line in over_time(&m.e2e_over_time, m.interval_secs) {
+                let _ = writeln!(w, "  {line}");
+            }
             let _ = writeln!(
                 w,
                 "  send_ok latency (scheduled send to send_ok): {}",
@@ -601,6 +621,57 @@ fn lat(l: &LatencySummary) -> String {
     )
 }
 
+/// Intervals listed one by one up to this many; past it, their range and the worst.
+const LISTED_INTERVALS: usize = 12;
+
+/// The end-to-end p99 over time: every interval's for a short run, else the spread of
+/// the intervals' p99 and the worst intervals.
+fn over_time(intervals: &[IntervalSummary], width_secs: f64) -> Vec<String> {
+    let with_samples: Vec<&IntervalSummary> = intervals.iter().filter(|i| i.count > 0).collect();
+    if intervals.len() < 2 || with_samples.is_empty() {
+        return Vec::new();
+    }
+    let head = format!("end-to-end p99 over time ({width_secs} s intervals, by scheduled send)");
+    let mut worst = with_samples.clone();
+    worst.sort_by(|a, b| b.p99_us.total_cmp(&a.p99_us));
+    let at = |i: &IntervalSummary| {
+        format!(
+            "{:.1} s: p50 {} p99 {} max {} (n={})",
+            i.start_secs,
+            us(i.p50_us),
+            us(i.p99_us),
+            us(i.max_us),
+            i.count
+        )
+    };
+    if intervals.len() <= LISTED_INTERVALS {
+        let each: Vec<String> = intervals
+            .iter()
+            .map(|i| {
+                if i.count == 0 {
+                    "-".into()
+                } else {
+                    us(i.p99_us)
+                }
+            })
+            .collect();
+        return vec![
+            format!("{head}: {}", each.join(" ")),
+            format!("  worst interval at {}", at(worst[0])),
+        ];
+    }
+    let median = worst[worst.len() / 2].p99_us;
+    let mut lines = vec![format!(
+        "{head}: {} intervals, p99 from {} to {}, median {}; worst:",
+        intervals.len(),
+        us(worst[worst.len() - 1].p99_us),
+        us(worst[0].p99_us),
+        us(median)
+    )];
+    lines.extend(worst.iter().take(3).map(|i| format!("  at {}", at(i))));
+    lines
+}
+
 fn us(v: f64) -> String {
     if v >= 1_000_000.0 {
         format!("{:.2}s", v / 1e6)
@@ -646,8 +717,11 @@ mod tests {
         r.msgs.sent = 100;
         r.msgs.acked = 99;
         r.msgs.errors.insert("rate_limited".into(), 1);
+        r.msgs
+            .start_series(0, Duration::from_secs(2), Duration::from_secs(1));
         for i in 0..100 {
             r.msgs.e2e_latency.record(1000 * (i + seed));
+            r.msgs.e2e_series.record(i * 20_000_000, 1000 * (i + seed));
             r.conns.connect_latency.record(50_000 + i);
         }
         r.delivery_check.acked = 99;
@@ -674,6 +748,14 @@ mod tests {
         assert_eq!(m.conns.first_attempt_ns, Some(1000));
         assert_eq!(m.conns.last_established_ns, Some(5005));
         assert_eq!(m.msgs.e2e_latency.count(), 200);
+        let per_second: Vec<u64> = m
+            .msgs
+            .e2e_series
+            .summary()
+            .iter()
+            .map(|i| i.count)
+            .collect();
+        assert_eq!(per_second, [100, 100]);
         assert_eq!(m.msgs.errors["rate_limited"], 2);
         assert_eq!(m.run_start_ns, Some(10_000));
         assert_eq!(m.run_end_ns, Some(2_000_000_005));
@@ -719,5 +801,45 @@ mod tests {
         let r = Report::build(input(1.0), s);
         assert!(!r.passed);
         assert_eq!(r.integrity.unwrap().violations, 1);
+    }
+
+    fn interval(start_secs: f64, p99_ms: f64) -> IntervalSummary {
+        IntervalSummary {
+            start_secs,
+            count: 10,
+            p50_us: 100.0,
+            p99_us: p99_ms * 1000.0,
+            max_us: p99_ms * 2000.0,
+        }
+    }
+
+    #[test]
+    fn latency_over_time_lists_a_short_run_and_sums_up_a_long_one() {
+        assert!(
+            over_time(&[interval(0.0, 1.0)], 1.0).is_empty(),
+            "one interval says nothing new"
+        );
+        let mut short = vec![interval(0.0, 1.0), interval(1.0, 7.5), interval(2.0, 2.0)];
+        short[2].count = 0;
+        assert_eq!(
+            over_time(&short, 1.0),
+            [
+                "end-to-end p99 over time (1 s intervals, by scheduled send): 1.00ms 7.50ms -",
+                "  worst interval at 1.0 s: p50 100us p99 7.50ms max 15.00ms (n=10)",
+            ]
+        );
+        let long: Vec<IntervalSummary> = (0..30)
+            .map(|i| interval(f64::from(i) / 10.0, 1.0 + f64::from(i % 7)))
+            .collect();
+        let lines = over_time(&long, 0.1);
+        assert_eq!(
+            lines[0],
+            "end-to-end p99 over time (0.1 s intervals, by scheduled send): 30 intervals, p99 from 1.00ms to 7.00ms, median 4.00ms; worst:"
+        );
+        assert_eq!(lines.len(), 4, "{lines:?}");
+        assert!(
+            lines[1..].iter().all(|l| l.contains("p99 7.00ms")),
+            "{lines:?}"
+        );
     }
 }

@@ -116,6 +116,8 @@ fn chat_rkyv_over_two_worker_processes_merges_exactly() {
         "2",
         "--threads",
         "1",
+        "--interval",
+        "500ms",
         "chat",
         "--pairs",
         "4",
@@ -135,6 +137,21 @@ fn chat_rkyv_over_two_worker_processes_merges_exactly() {
     assert_eq!((m.scheduled, m.acked, m.deliveries_unique), (400, 400, 400));
     // The merged histogram holds every sample of both processes.
     assert_eq!(m.e2e_latency.count, 400);
+    // So does the latency over time: each process schedules 50 messages in each half
+    // second, and every message counts in the interval it was scheduled in.
+    assert_eq!(m.interval_secs, 0.5);
+    let counts: Vec<u64> = m.e2e_over_time.iter().map(|i| i.count).collect();
+    assert_eq!(counts, [100, 100, 100, 100], "{:?}", m.e2e_over_time);
+    assert!(m
+        .e2e_over_time
+        .iter()
+        .all(|i| i.p50_us > 0.0 && i.p99_us <= i.max_us));
+    assert!(
+        run.stdout
+            .contains("end-to-end p99 over time (0.5 s intervals, by scheduled send)"),
+        "{}",
+        run.stdout
+    );
     assert_eq!(r.integrity.as_ref().unwrap().violations, 0);
     assert_eq!(r.connections.established, 8);
 }
@@ -173,6 +190,9 @@ fn fanout_delivers_every_message_to_every_member() {
     assert_eq!(m.deliveries_expected, 800, "40 messages x 20 members");
     assert_eq!(m.deliveries_unique, 800);
     assert_eq!(m.e2e_latency.count, 800);
+    // 20 messages scheduled each second, each delivered to 20 members.
+    let counts: Vec<u64> = m.e2e_over_time.iter().map(|i| i.count).collect();
+    assert_eq!(counts, [400, 400], "{:?}", m.e2e_over_time);
     let i = r.integrity.as_ref().unwrap();
     assert_eq!((i.missing_deliveries, i.violations), (0, 0), "{i:?}");
 }

@@ -107,6 +107,9 @@ impl Handler for Chat {
                         Receipt::InOrder | Receipt::Reordered => {
                             st.msgs.deliveries_unique += 1;
                             st.msgs.e2e_latency.record(now_ns.saturating_sub(sched));
+                            st.msgs
+                                .e2e_series
+                                .record(sched, now_ns.saturating_sub(sched));
                             Progress::add(&progress.deliveries_unique, 1);
                         }
                         Receipt::Duplicate | Receipt::Unexpected => {}
@@ -171,6 +174,10 @@ pub async fn run(w: Rc<Worker>, args: &ChatArgs) -> WorkerResult {
     pool.open_all(&chat, &conns, &users, room, &globals).await;
 
     let t0 = w.ready_and_wait_go().await;
+    chat.state
+        .borrow_mut()
+        .msgs
+        .start_series(t0, cfg.common.duration, cfg.common.interval);
     let end = t0 + cfg.common.duration.as_nanos() as u64;
     if !pairs.is_empty() && args.pairs > 0 {
         let rate = args.rate * pairs.len() as f64 / args.pairs as f64;

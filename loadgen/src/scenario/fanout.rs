@@ -119,6 +119,9 @@ impl Handler for Fanout {
                     Receipt::InOrder | Receipt::Reordered => {
                         st.msgs.deliveries_unique += 1;
                         st.msgs.e2e_latency.record(now_ns.saturating_sub(sched));
+                        st.msgs
+                            .e2e_series
+                            .record(sched, now_ns.saturating_sub(sched));
                         Progress::add(&progress.deliveries_unique, 1);
                     }
                     Receipt::Duplicate | Receipt::Unexpected => {}
@@ -182,6 +185,10 @@ pub async fn run(w: Rc<Worker>, args: &FanoutArgs) -> WorkerResult {
     };
 
     let t0 = w.ready_and_wait_go().await;
+    fan.state
+        .borrow_mut()
+        .msgs
+        .start_series(t0, cfg.common.duration, cfg.common.interval);
     let end = t0 + cfg.common.duration.as_nanos() as u64;
     // Local publishers: local connections whose global member number is < publishers.
     let local_pubs: Vec<usize> = (0..n).filter(|&k| globals[k] < publishers).collect();
