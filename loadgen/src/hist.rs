@@ -118,7 +118,7 @@ impl<'de> Deserialize<'de> for LatencyHist {
 /// here a stall shows as the intervals whose messages waited for it, and the backlog it
 /// left as the ones after. Workers and processes share the run's start, so their series
 /// merge interval by interval, exactly.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct LatencySeries {
     /// Start of the first interval (CLOCK_MONOTONIC ns).
     start_ns: u64,
@@ -128,6 +128,17 @@ pub struct LatencySeries {
     intervals: u64,
     /// Histograms of the intervals so far, made as samples reach them.
     slots: Vec<LatencyHist>,
+    /// The interval the last sample fell in, `[start, end)` ns and its index: samples
+    /// come mostly in order, and this spares each a division.
+    #[serde(skip)]
+    last: (u64, u64, usize),
+}
+
+impl PartialEq for LatencySeries {
+    fn eq(&self, o: &LatencySeries) -> bool {
+        (self.start_ns, self.interval_ns, self.intervals, &self.slots)
+            == (o.start_ns, o.interval_ns, o.intervals, &o.slots)
+    }
 }
 
 impl LatencySeries {
@@ -143,6 +154,7 @@ impl LatencySeries {
             interval_ns,
             intervals: run_ns.div_ceil(interval_ns).max(1),
             slots: Vec::new(),
+            last: (0, 0, 0),
         }
     }
 
@@ -154,15 +166,24 @@ impl LatencySeries {
     /// Records `latency_ns` of a message scheduled at `scheduled_ns`. Samples before the
     /// start count in the first interval, after the end in the last.
     pub fn record(&mut self, scheduled_ns: u64, latency_ns: u64) {
+        let (start, end, i) = self.last;
+        if (start..end).contains(&scheduled_ns) {
+            self.slots[i].record(latency_ns);
+            return;
+        }
         if self.interval_ns == 0 {
             return;
         }
-        let i = (scheduled_ns.saturating_sub(self.start_ns) / self.interval_ns)
-            .min(self.intervals - 1) as usize;
-        while self.slots.len() <= i {
+        let i =
+            (scheduled_ns.saturating_sub(self.start_ns) / self.interval_ns).min(self.intervals - 1);
+        while self.slots.len() <= i as usize {
             self.slots.push(LatencyHist::with_digits(SERIES_DIGITS));
         }
-        self.slots[i].record(latency_ns);
+        self.slots[i as usize].record(latency_ns);
+        // The first and last intervals also hold what falls before and after the run;
+        // those samples take the slow way.
+        let start = self.start_ns + i * self.interval_ns;
+        self.last = (start, start + self.interval_ns, i as usize);
     }
 
     /// Adds every sample of `other`, a series of the same run.
