@@ -1,11 +1,11 @@
 //! Bounded, lock-free mailboxes between threads: one queue per (sender, receiver)
 //! pair, and one wake-up descriptor per receiver.
 //!
-//! A sender pushes into its own single-producer ring ([`Ring`]) and, only when the receiver said it is
-//! about to sleep, writes one byte to the receiver's wake socket. The receiver
-//! drains its queues, announces sleep, checks once more, and then waits for its
-//! wake descriptor to become readable with whatever runtime it runs (monoio on the
-//! shards, glommio in the pipeline). A full queue is backpressure: `send` gives the
+//! A sender pushes into its own single-producer ring (`Ring`) and, only when the
+//! receiver said it is about to sleep, writes one byte to the receiver's wake socket.
+//! The receiver drains its queues, announces sleep, checks once more, and then waits
+//! for its wake descriptor to become readable with whatever runtime it runs (monoio on
+//! the shards, glommio in the pipeline). A full queue is backpressure: `send` gives the
 //! value back and the caller decides.
 //!
 //! The wake descriptor is one end of a non-blocking `AF_UNIX` socket pair rather than
@@ -82,8 +82,11 @@ impl<T> Ring<T> {
             producer: Side::new(),
             capacity,
             mask: len - 1,
+            // Every slot written once now, as a queue that initializes its slots does:
+            // the ring is resident from the start, not growing as traffic first reaches
+            // each slot (which `connect --server-pid` counted as memory per connection).
             slots: (0..len)
-                .map(|_| UnsafeCell::new(MaybeUninit::uninit()))
+                .map(|_| UnsafeCell::new(MaybeUninit::zeroed()))
                 .collect(),
         }
     }
