@@ -122,7 +122,7 @@ impl<'de> Deserialize<'de> for LatencyHist {
 pub struct LatencySeries {
     /// Start of the first interval (CLOCK_MONOTONIC ns).
     start_ns: u64,
-    /// Width of an interval; 0 in a series that was never started (it records nothing).
+    /// Width of an interval; 0 in a series that was not started yet.
     interval_ns: u64,
     /// Intervals in the run (the last one may be partial).
     intervals: u64,
@@ -132,6 +132,9 @@ pub struct LatencySeries {
     /// come mostly in order, and this spares each a division.
     #[serde(skip)]
     last: (u64, u64, usize),
+    /// Samples recorded before the series was started, for [`LatencySeries::start`].
+    #[serde(skip)]
+    early: Vec<(u64, u64)>,
 }
 
 impl PartialEq for LatencySeries {
@@ -155,6 +158,17 @@ impl LatencySeries {
             intervals: run_ns.div_ceil(interval_ns).max(1),
             slots: Vec::new(),
             last: (0, 0, 0),
+            early: Vec::new(),
+        }
+    }
+
+    /// Makes this series the one [`LatencySeries::new`] makes, keeping the samples
+    /// recorded before: a worker can receive its first messages before it starts it.
+    pub fn start(&mut self, start_ns: u64, run_ns: u64, interval_ns: u64) {
+        let early = std::mem::take(&mut self.early);
+        *self = LatencySeries::new(start_ns, run_ns, interval_ns);
+        for (scheduled_ns, latency_ns) in early {
+            self.record(scheduled_ns, latency_ns);
         }
     }
 
@@ -172,6 +186,7 @@ impl LatencySeries {
             return;
         }
         if self.interval_ns == 0 {
+            self.early.push((scheduled_ns, latency_ns));
             return;
         }
         let i =
@@ -339,13 +354,19 @@ mod tests {
         );
         assert!((v[0].max_us - 5000.0).abs() <= 50.0, "{v:?}");
         assert!((v[2].p50_us - 4000.0).abs() <= 40.0, "{v:?}");
-        // A series that was never started records nothing and merges as nothing.
-        let mut idle = LatencySeries::default();
-        idle.record(5, 5);
+        // A series that was never started has no intervals and merges as nothing.
+        let idle = LatencySeries::default();
         assert!(idle.summary().is_empty());
         let mut copy = s.clone();
         copy.merge(&idle);
         assert_eq!(copy, s);
+        // What was recorded before the start is in it once started.
+        let mut late = LatencySeries::default();
+        late.record(1_000, 5_000_000);
+        late.start(1_000, 3_000_000_000, 1_000_000_000);
+        late.record(1_000_000_000 + 1_000, 2_000_000);
+        let counts: Vec<u64> = late.summary().iter().map(|i| i.count).collect();
+        assert_eq!(counts, [1, 1, 0]);
     }
 
     #[test]

@@ -98,11 +98,11 @@ pub struct MsgStats {
 }
 
 impl MsgStats {
-    /// Starts the latency series of a run that began at `t0_ns` (CLOCK_MONOTONIC) and
+    /// Starts the latency series of a run that begins at `t0_ns` (CLOCK_MONOTONIC) and
     /// lasts `run`, in intervals of `interval`.
     pub fn start_series(&mut self, t0_ns: u64, run: Duration, interval: Duration) {
-        self.e2e_series =
-            LatencySeries::new(t0_ns, run.as_nanos() as u64, interval.as_nanos() as u64);
+        self.e2e_series
+            .start(t0_ns, run.as_nanos() as u64, interval.as_nanos() as u64);
     }
 
     pub fn merge(&mut self, o: &MsgStats) {

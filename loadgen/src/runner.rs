@@ -215,17 +215,31 @@ impl Worker {
 
     /// Reports ready and waits for *go*; returns the run's start time.
     pub async fn ready_and_wait_go(&self) -> u64 {
+        let t = self.ready_and_learn_go().await;
+        Worker::sleep_until(t).await;
+        t
+    }
+
+    /// Reports ready and returns the run's start time as soon as the coordinator has
+    /// set it, up to 200 ms before it comes (see [`Worker::sleep_until`]): time to make
+    /// what must exist before the first message arrives. Other workers start at that
+    /// time whether or not this one is waiting.
+    pub async fn ready_and_learn_go(&self) -> u64 {
         Progress::add(&self.progress().ready, 1);
         loop {
             let t = self.shared.go_at_ns.load(Ordering::Acquire);
             if t != 0 {
-                let now = mono_ns();
-                if t > now {
-                    monoio::time::sleep(Duration::from_nanos(t - now)).await;
-                }
                 return t;
             }
             monoio::time::sleep(SIGNAL_POLL).await;
+        }
+    }
+
+    /// Sleeps until `t` (CLOCK_MONOTONIC ns), at once if it passed.
+    pub async fn sleep_until(t: u64) {
+        let now = mono_ns();
+        if t > now {
+            monoio::time::sleep(Duration::from_nanos(t - now)).await;
         }
     }
 

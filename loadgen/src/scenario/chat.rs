@@ -173,11 +173,14 @@ pub async fn run(w: Rc<Worker>, args: &ChatArgs) -> WorkerResult {
     let room = |k: usize| cfg.user("pair", pairs[k / 2]);
     pool.open_all(&chat, &conns, &users, room, &globals).await;
 
-    let t0 = w.ready_and_wait_go().await;
+    // The series starts before the run: another worker's first messages can arrive
+    // here before this task wakes at t0.
+    let t0 = w.ready_and_learn_go().await;
     chat.state
         .borrow_mut()
         .msgs
         .start_series(t0, cfg.common.duration, cfg.common.interval);
+    Worker::sleep_until(t0).await;
     let end = t0 + cfg.common.duration.as_nanos() as u64;
     if !pairs.is_empty() && args.pairs > 0 {
         let rate = args.rate * pairs.len() as f64 / args.pairs as f64;

@@ -184,11 +184,14 @@ pub async fn run(w: Rc<Worker>, args: &FanoutArgs) -> WorkerResult {
         _ => None,
     };
 
-    let t0 = w.ready_and_wait_go().await;
+    // The series starts before the run: another worker's first messages can arrive
+    // here before this task wakes at t0.
+    let t0 = w.ready_and_learn_go().await;
     fan.state
         .borrow_mut()
         .msgs
         .start_series(t0, cfg.common.duration, cfg.common.interval);
+    Worker::sleep_until(t0).await;
     let end = t0 + cfg.common.duration.as_nanos() as u64;
     // Local publishers: local connections whose global member number is < publishers.
     let local_pubs: Vec<usize> = (0..n).filter(|&k| globals[k] < publishers).collect();
