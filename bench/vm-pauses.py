@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
-"""Pauses of this machine's CPUs that no process here causes.
+"""Pauses of this machine's CPUs under a load that keeps every CPU busy.
 
 On a virtual machine the host can stop a vCPU; the guest's clock runs on, and every
-thread on that vCPU sees time jump. This runs one process per CPU, pinned, each
-reading CLOCK_MONOTONIC in a loop for SECONDS, and reports the jumps longer than
---min-ms: how many, the longest, their total, and how many happened on every CPU at
-once. Run it on an idle machine: it takes every CPU for the whole time.
+thread on that vCPU sees time jump (so does a thread whose CPU handles interrupts for
+that long). This runs one process per CPU, pinned, each reading CLOCK_MONOTONIC in a
+loop for SECONDS, and reports the jumps longer than --min-ms: how many, the longest,
+their total, and how many happened on every CPU at once. Run it on an otherwise idle
+machine: it takes every CPU for the whole time, and a host that limits the machine's
+CPU time may pause it more under this load than under a lighter one.
 
 Usage: python3 bench/vm-pauses.py [SECONDS] [--min-ms 0.5]
 """
