@@ -221,9 +221,9 @@ impl Worker {
     }
 
     /// Reports ready and returns the run's start time as soon as the coordinator has
-    /// set it, up to 200 ms before it comes (see [`Worker::sleep_until`]): time to make
-    /// what must exist before the first message arrives. Other workers start at that
-    /// time whether or not this one is waiting.
+    /// set it, which it does 200 ms ahead: time to make what must exist before the
+    /// first message arrives. Other workers start at that time whether or not this one
+    /// is waiting; [`Worker::sleep_until`] waits for it.
     pub async fn ready_and_learn_go(&self) -> u64 {
         Progress::add(&self.progress().ready, 1);
         loop {
