@@ -174,6 +174,18 @@ impl Batch {
             bytes: 0,
         }
     }
+
+    /// An empty batch `id` in `self`'s vectors. The next batch is likely as large as
+    /// the last, and growing fresh vectors to that size took a chain of reallocations
+    /// per commit.
+    fn reuse(mut self, id: u64) -> Self {
+        self.id = id;
+        self.records.clear();
+        self.held.clear();
+        self.dedup_keys.clear();
+        self.bytes = 0;
+        self
+    }
 }
 
 /// The batch id of dedup entries rebuilt from the log: below every live batch's.
@@ -223,6 +235,11 @@ pub struct Engine<S: State = MemState> {
     devices: Interner,
     pending: Batch,
     inflight: Option<Batch>,
+    /// The last committed batch, emptied, for [`Batch::reuse`].
+    spare: Option<Batch>,
+    /// Live entries of the commit being applied, by endpoint. Each endpoint's vectors
+    /// leave in its `Deliver`; the next ones are made with the sizes of the last.
+    routed: Routed,
     /// Batches with a lower id are durable.
     durable_below: u64,
     /// Group member lists as uncommitted batches leave them, with the batch id.
@@ -265,6 +282,8 @@ impl<S: State> Engine<S> {
             devices: Interner::default(),
             pending: Batch::new(REPLAYED_BATCH + 1),
             inflight: None,
+            spare: None,
+            routed: Routed::new(),
             durable_below: REPLAYED_BATCH + 1,
             pending_groups: HashMap::new(),
             pending_blocked: HashMap::new(),
@@ -349,7 +368,11 @@ impl<S: State> Engine<S> {
             );
             return None;
         }
-        let next = Batch::new(self.pending.id + 1);
+        let id = self.pending.id + 1;
+        let next = match self.spare.take() {
+            Some(spare) => spare.reuse(id),
+            None => Batch::new(id),
+        };
         let batch = std::mem::replace(&mut self.pending, next);
         Some(&self.inflight.insert(batch).records)
     }
@@ -366,25 +389,32 @@ impl<S: State> Engine<S> {
 
     /// The sealed batch is durable: apply it, answer, deliver.
     pub fn commit_done(&mut self, now_ms: u64) {
-        let batch = self
+        let mut batch = self
             .inflight
             .take()
             .expect("commit_done needs a sealed batch");
-        let mut deliveries = Vec::new();
-        for rec in batch.records {
+        let mut deliveries = std::mem::take(&mut self.routed);
+        for rec in batch.records.drain(..) {
             self.apply(rec, now_ms, Some(&mut deliveries));
         }
-        for held in batch.held {
+        for held in batch.held.drain(..) {
             let out = self.answer(held);
             self.outputs.push_back(out);
         }
-        for (endpoint, Routes { msgs, items }) in deliveries.into_iter().enumerate() {
-            if !items.is_empty() {
+        for (endpoint, routes) in deliveries.iter_mut().enumerate() {
+            if !routes.items.is_empty() {
+                let next = Routes {
+                    msgs: Vec::with_capacity(routes.msgs.len()),
+                    items: Vec::with_capacity(routes.items.len()),
+                };
+                let Routes { msgs, items } = std::mem::replace(routes, next);
                 self.outputs
                     .push_back((endpoint as Endpoint, Event::Deliver { msgs, items }));
             }
         }
+        self.routed = deliveries;
         let id = batch.id;
+        self.spare = Some(batch);
         self.durable_below = id + 1;
         self.pending_groups.retain(|_, v| v.1 > id);
         self.pending_blocked.retain(|_, v| v.1 > id);
