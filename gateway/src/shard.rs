@@ -383,8 +383,8 @@ pub fn msg_frame(seq: u64, msg: &Message) -> ServerFrame {
     ServerFrame::Msg {
         seq,
         msg_id: msg.msg_id,
-        from: msg.from.clone(),
-        from_device: msg.from_device.clone(),
+        from: msg.from.to_string(),
+        from_device: msg.from_device.to_string(),
         to: msg.to.clone(),
         body: msg.body.clone(),
         ts: msg.ts,

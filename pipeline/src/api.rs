@@ -25,8 +25,11 @@ pub struct ConnRef {
 pub struct Message {
     pub msg_id: u64,
     pub ts: u64,
-    pub from: String,
-    pub from_device: String,
+    /// The sender's id: the node's one copy of it (`State::user`), shared by every
+    /// message the user sends, not an allocation per message.
+    pub from: Arc<str>,
+    /// The sending device's id, shared the same way (the engine interns device ids).
+    pub from_device: Arc<str>,
     pub to: Target,
     pub body: String,
 }

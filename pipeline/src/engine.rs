@@ -21,7 +21,6 @@
 //! cursor only ever moves forward and nothing waits for it to be durable.
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
-use std::rc::Rc;
 use std::sync::Arc;
 
 use flare_codec::frame::{ErrorCode, Target};
@@ -57,7 +56,7 @@ pub const ADMIN_DEVICE: &str = "admin";
 /// One open session. Small, because every online device has one (DESIGN.md §6): the
 /// user id is the state's shared copy and the device id is interned.
 struct Session {
-    user: Rc<str>,
+    user: Arc<str>,
     device: DeviceId,
     /// Session start, ms since the Unix epoch.
     since: u64,
@@ -230,7 +229,7 @@ pub struct Engine<S: State = MemState> {
     ids: MsgIds,
     sessions: ShardedMap<ConnRef, Session>,
     /// Open sessions per user, one per device; keyed by the state's copy of the user id.
-    online: ShardedMap<Rc<str>, Online>,
+    online: ShardedMap<Arc<str>, Online>,
     /// Device ids of sessions.
     devices: Interner,
     pending: Batch,
@@ -328,8 +327,7 @@ impl<S: State> Engine<S> {
             }
             Request::Send { conn, id, to, body } => match self.sessions.get(&conn) {
                 Some(s) => {
-                    let (user, device) =
-                        (s.user.to_string(), self.devices.name(s.device).to_string());
+                    let (user, device) = (s.user.clone(), self.devices.name(s.device).clone());
                     let dedup_id = Some(id.clone());
                     self.submit(
                         Origin::Conn { conn, id },
@@ -641,10 +639,13 @@ impl<S: State> Engine<S> {
     fn admin(&mut self, token: u64, op: AdminOp, now_ms: u64) {
         let reply = match op {
             AdminOp::PostMessage { from, to, body, id } => {
+                let from = self.state.known_user(&from).unwrap_or_else(|| from.into());
+                let admin_device = self.devices.intern(ADMIN_DEVICE);
+                let from_device = self.devices.name(admin_device).clone();
                 self.submit(
                     Origin::Admin { token },
                     from,
-                    ADMIN_DEVICE.into(),
+                    from_device,
                     to,
                     body,
                     id,
@@ -746,8 +747,8 @@ impl<S: State> Engine<S> {
     fn submit(
         &mut self,
         origin: Origin,
-        from: String,
-        from_device: String,
+        from: Arc<str>,
+        from_device: Arc<str>,
         to: Target,
         body: String,
         dedup_id: Option<String>,
@@ -993,12 +994,29 @@ impl<S: State> Engine<S> {
         }
     }
 
+    /// Points a replayed message at the node's copies of its sender's and device's ids,
+    /// as a live message is made with them: each retained message would otherwise keep
+    /// two strings of its own. A sender with no inbox yet keeps the message's copy.
+    fn share_ids(&mut self, msg: &mut Arc<Message>) {
+        let Some(m) = Arc::get_mut(msg) else {
+            return;
+        };
+        if let Some(from) = self.state.known_user(&m.from) {
+            m.from = from;
+        }
+        let device = self.devices.intern(&m.from_device);
+        m.from_device = self.devices.name(device).clone();
+    }
+
     /// Applies a durable record. `deliveries` collects live entries per endpoint;
     /// `None` while replaying.
     fn apply(&mut self, rec: Record, now_ms: u64, mut deliveries: Option<&mut Routed>) {
         match rec {
-            Record::Message { msg, dedup_id } => {
+            Record::Message { mut msg, dedup_id } => {
                 self.ids.observe(msg.msg_id);
+                if deliveries.is_none() {
+                    self.share_ids(&mut msg);
+                }
                 // A live message entered the dedup table when it was accepted.
                 if let (Some(id), None) = (&dedup_id, &deliveries) {
                     let key = self.state.dedup_key(&msg.from, id);
@@ -1013,7 +1031,7 @@ impl<S: State> Engine<S> {
                 match &msg.to {
                     Target::User(u) => {
                         self.append_and_route(u, &msg, min_ts, deliveries.as_deref_mut());
-                        if *u != msg.from {
+                        if **u != *msg.from {
                             let from = &msg.from;
                             self.append_and_route(from, &msg, min_ts, deliveries.as_deref_mut());
                         }

@@ -6,7 +6,7 @@
 //! remembered by a durable ack cursor anyway.
 
 use std::collections::HashMap;
-use std::rc::Rc;
+use std::sync::Arc;
 
 /// An interned device id.
 pub type DeviceId = u32;
@@ -14,8 +14,8 @@ pub type DeviceId = u32;
 /// A table of interned names. See the [module](self) docs.
 #[derive(Debug, Default)]
 pub struct Interner {
-    ids: HashMap<Rc<str>, u32>,
-    names: Vec<Rc<str>>,
+    ids: HashMap<Arc<str>, u32>,
+    names: Vec<Arc<str>>,
 }
 
 impl Interner {
@@ -28,7 +28,7 @@ impl Interner {
             return id;
         }
         let id = u32::try_from(self.names.len()).expect("fewer than 2^32 interned names");
-        let name: Rc<str> = Rc::from(name);
+        let name: Arc<str> = Arc::from(name);
         self.names.push(name.clone());
         self.ids.insert(name, id);
         id
@@ -39,11 +39,11 @@ impl Interner {
         self.ids.get(name).copied()
     }
 
-    /// The name of `id`.
+    /// The name of `id`, shared: messages keep it as their `from_device`.
     ///
     /// # Panics
     /// If `id` was not given by [`intern`](Self::intern) on this table.
-    pub fn name(&self, id: u32) -> &Rc<str> {
+    pub fn name(&self, id: u32) -> &Arc<str> {
         &self.names[id as usize]
     }
 }

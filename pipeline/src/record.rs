@@ -158,8 +158,8 @@ impl Record {
             TAG_MESSAGE => {
                 let msg_id = r.u64()?;
                 let ts = r.u64()?;
-                let from = r.string()?;
-                let from_device = r.string()?;
+                let from = r.string()?.into();
+                let from_device = r.string()?.into();
                 let to = match r.u8()? {
                     TARGET_USER => Target::User(r.string()?),
                     TARGET_GROUP => Target::Group(r.string()?),

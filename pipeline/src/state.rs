@@ -33,8 +33,11 @@ pub trait State {
     fn first_seq(&self, user: &str) -> u64;
     /// The node's one copy of `user`'s id, creating the user's (empty) inbox if it has
     /// none. The engine's session and presence maps keep this copy instead of their own,
-    /// so an online user's id is stored once (DESIGN.md §6).
-    fn user(&mut self, user: &str) -> Rc<str>;
+    /// and so does every message the user sends, so an online user's id is stored once
+    /// (DESIGN.md §6).
+    fn user(&mut self, user: &str) -> Arc<str>;
+    /// The node's copy of `user`'s id if the user has an inbox.
+    fn known_user(&self, user: &str) -> Option<Arc<str>>;
     /// Appends `msg` to `user`'s inbox with the next `seq`, keeping at most the
     /// configured number of entries, and returns that `seq`. Entries accepted before `min_ts`
     /// are dropped every [`EXPIRE_EVERY_APPENDS`] appends of an inbox (so the hot path
@@ -144,7 +147,7 @@ pub struct MemState {
     /// Entries an inbox retains.
     keep: usize,
     /// Keyed by the node's one copy of each user id (see [`State::user`]).
-    inboxes: ShardedMap<Rc<str>, Inbox>,
+    inboxes: ShardedMap<Arc<str>, Inbox>,
     /// Device ids of ack cursors.
     devices: Interner,
     groups: FastMap<String, Rc<BTreeSet<String>>>,
@@ -209,20 +212,24 @@ impl MemState {
 
     fn inbox_mut(&mut self, user: &str) -> &mut Inbox {
         if !self.inboxes.contains_key(user) {
-            self.inboxes.insert(Rc::from(user), Inbox::default());
+            self.inboxes.insert(Arc::from(user), Inbox::default());
         }
         self.inboxes.get_mut(user).expect("inserted above")
     }
 }
 
 impl State for MemState {
-    fn user(&mut self, user: &str) -> Rc<str> {
+    fn user(&mut self, user: &str) -> Arc<str> {
         if let Some((key, _)) = self.inboxes.get_key_value(user) {
             return key.clone();
         }
-        let key: Rc<str> = Rc::from(user);
+        let key: Arc<str> = Arc::from(user);
         self.inboxes.insert(key.clone(), Inbox::default());
         key
+    }
+
+    fn known_user(&self, user: &str) -> Option<Arc<str>> {
+        self.inboxes.get_key_value(user).map(|(key, _)| key.clone())
     }
 
     fn head(&self, user: &str) -> u64 {
@@ -245,7 +252,7 @@ impl State for MemState {
             None => {
                 let mut inbox = Inbox::default();
                 let pushed = inbox.push(msg, keep, min_ts);
-                self.inboxes.insert(Rc::from(user), inbox);
+                self.inboxes.insert(Arc::from(user), inbox);
                 pushed
             }
         };
@@ -509,9 +516,9 @@ mod tests {
         let mut s = MemState::new(1000);
         let a = s.user("alice");
         let b = s.user("alice");
-        assert!(Rc::ptr_eq(&a, &b));
+        assert!(Arc::ptr_eq(&a, &b));
         s.set_cursor("alice", "phone", 1);
-        assert!(Rc::ptr_eq(&a, &s.user("alice")));
+        assert!(Arc::ptr_eq(&a, &s.user("alice")));
         assert_eq!(s.users(), 1);
     }
 

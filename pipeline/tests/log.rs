@@ -25,7 +25,7 @@ fn message(i: u64, body_len: usize) -> Record {
         msg: Arc::new(Message {
             msg_id: 1000 + i,
             ts: 1_800_000_000_000 + i,
-            from: format!("user{}", i % 7),
+            from: format!("user{}", i % 7).into(),
             from_device: "phone".into(),
             to: if i % 3 == 0 {
                 Target::Group("g".into())

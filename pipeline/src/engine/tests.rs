@@ -230,7 +230,7 @@ fn one_to_one_gives_both_inboxes_the_next_seq_once_durable() {
     let page = s.e.state().page("bob", 0, 10);
     let m = &page.entries[0].msg;
     assert_eq!(
-        (m.from.as_str(), m.from_device.as_str(), &m.to, m.ts),
+        (&*m.from, &*m.from_device, &m.to, m.ts),
         ("alice", "phone", &user("bob"), T0)
     );
     let oks = send_oks(&s.send(a, "m1", user("bob")));
@@ -993,6 +993,45 @@ fn replay_rebuilds_the_same_state_and_ids_continue() {
     let fresh = send_oks(&r.commit());
     assert!(fresh[0].1 > last_id, "msg ids continue above the log's");
     assert_eq!(r.e.state().head("bob"), s.e.state().head("bob") + 1);
+}
+
+#[test]
+fn messages_share_the_nodes_copies_of_sender_and_device_ids() {
+    let mut s = Sim::new(cfg());
+    let (a, b) = (conn(0, 1), conn(1, 2));
+    s.open(a, "alice", "phone", None);
+    s.open(b, "bob", "phone", None);
+    for i in 0..3 {
+        s.send(a, &format!("m{i}"), user("bob"));
+    }
+    s.commit();
+    let alice = s.e.state().known_user("alice").expect("alice has an inbox");
+    let live = s.e.state().page("bob", 0, 10).entries;
+    assert_eq!(live.len(), 3);
+    assert!(live.iter().all(|e| Arc::ptr_eq(&e.msg.from, &alice)));
+    assert!(live
+        .windows(2)
+        .all(|w| Arc::ptr_eq(&w[0].msg.from_device, &w[1].msg.from_device)));
+
+    // Replayed from bytes, as from the log file: each record is decoded afresh.
+    let mut r = Sim::new(cfg());
+    for rec in &s.log {
+        let mut bytes = Vec::new();
+        rec.encode(&mut bytes);
+        r.e.replay(Record::decode(&bytes).expect("decodes"), r.now);
+    }
+    let alice = r.e.state().known_user("alice").expect("alice has an inbox");
+    let replayed = r.e.state().page("bob", 0, 10).entries;
+    assert_eq!(replayed.len(), 3);
+    assert_eq!(&*replayed[0].msg.from, "alice");
+    // The first message made alice's inbox (she has no session after a restart); the
+    // later ones share her id, and all of them the interned device id.
+    assert!(replayed[1..]
+        .iter()
+        .all(|e| Arc::ptr_eq(&e.msg.from, &alice)));
+    assert!(replayed
+        .windows(2)
+        .all(|w| Arc::ptr_eq(&w[0].msg.from_device, &w[1].msg.from_device)));
 }
 
 #[test]
