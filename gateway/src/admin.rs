@@ -610,7 +610,7 @@ impl Admin {
             u8::from(self.draining.load(Ordering::Relaxed))
         );
         if let Some(s) = self.stats().await {
-            let rows: [(&str, &str, &str, u64); 8] = [
+            let rows: [(&str, &str, &str, u64); 10] = [
                 (
                     "flare_messages_accepted_total",
                     "messages made durable",
@@ -648,6 +648,18 @@ impl Admin {
                     "inbox entries held",
                     "gauge",
                     s.inbox_entries,
+                ),
+                (
+                    "flare_dedup_entries",
+                    "sends remembered for the dedup window",
+                    "gauge",
+                    s.dedup_entries,
+                ),
+                (
+                    "flare_dedup_evicted_total",
+                    "dedup entries forgotten before their window ended (the table was full)",
+                    "counter",
+                    s.dedup_evicted,
                 ),
             ];
             for (name, help, kind, v) in rows {

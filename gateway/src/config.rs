@@ -109,6 +109,11 @@ pub struct LimitArgs {
     /// Dedup window of client message ids, in seconds [default: 600].
     #[arg(long, env = "FLARE_DEDUP_WINDOW_SECS", value_name = "SECS")]
     pub dedup_window_secs: Option<u64>,
+    /// Dedup entries held at most, about 100 bytes each; a full table forgets the
+    /// oldest early and logs a warning [default: 16000000, the whole window up to
+    /// ~26k msgs/s at the default window; at least 65536].
+    #[arg(long, env = "FLARE_DEDUP_MAX_ENTRIES", value_name = "N")]
+    pub dedup_max_entries: Option<usize>,
     /// How long a drain (SIGTERM) waits for connections to go before exiting [default: 10000].
     #[arg(long, env = "FLARE_DRAIN_TIMEOUT_MS", value_name = "MS")]
     pub drain_timeout_ms: Option<u64>,
@@ -130,6 +135,7 @@ pub struct Limits {
     pub retention_messages: usize,
     pub retention_secs: u64,
     pub dedup_window_secs: u64,
+    pub dedup_max_entries: usize,
     pub drain_timeout_ms: u64,
 }
 
@@ -148,6 +154,7 @@ impl Default for Limits {
             retention_messages: 10_000,
             retention_secs: 7 * 24 * 3600,
             dedup_window_secs: 600,
+            dedup_max_entries: flare_pipeline::dedup::MAX_ENTRIES_DEFAULT,
             drain_timeout_ms: 10_000,
         }
     }
@@ -243,6 +250,7 @@ impl Config {
                 retention_messages,
                 retention_secs,
                 dedup_window_secs,
+                dedup_max_entries,
                 drain_timeout_ms,
             ]
         );
@@ -318,6 +326,14 @@ impl Config {
         }
         if l.retention_messages == 0 || l.retention_secs == 0 {
             bail!("--retention-messages and --retention-secs must be at least 1");
+        }
+        let min = flare_pipeline::dedup::MAX_ENTRIES_MIN;
+        if l.dedup_max_entries < min {
+            bail!(
+                "--dedup-max-entries must be at least {min}, more than the messages that \
+                 are not durable yet can hold (got {})",
+                l.dedup_max_entries
+            );
         }
         Ok(())
     }
@@ -456,6 +472,15 @@ mod tests {
         })
         .unwrap_err();
         assert!(err.to_string().contains("--shards"));
+        let err = Config::resolve(ServeArgs {
+            limits: LimitArgs {
+                dedup_max_entries: Some(1000),
+                ..Default::default()
+            },
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("--dedup-max-entries"), "{err}");
     }
 
     #[test]
@@ -479,6 +504,7 @@ mod tests {
             ("--retention-messages", l.retention_messages.to_string()),
             ("--retention-secs", l.retention_secs.to_string()),
             ("--dedup-window-secs", l.dedup_window_secs.to_string()),
+            ("--dedup-max-entries", l.dedup_max_entries.to_string()),
             ("--drain-timeout-ms", l.drain_timeout_ms.to_string()),
         ] {
             let at = help

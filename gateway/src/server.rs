@@ -77,6 +77,7 @@ pub fn serve(cfg: Config) -> Result<()> {
             retention_messages: cfg.limits.retention_messages,
             retention_ms: cfg.limits.retention_secs.saturating_mul(1000),
             dedup_window_ms: cfg.limits.dedup_window_secs.saturating_mul(1000),
+            dedup_max_entries: cfg.limits.dedup_max_entries,
             catchup_page: 256,
             // A page plus what is already queued must fit the outbound bound.
             page_bytes_max: cfg.limits.outbound_bytes_max / 4,

@@ -65,6 +65,13 @@ fn health_ready_and_metrics_need_no_token() {
         samples += 1;
     }
     assert!(samples > 0, "no samples in /metrics:\n{}", r.body);
+    for sample in ["flare_dedup_entries 1", "flare_dedup_evicted_total 0"] {
+        assert!(
+            r.body.lines().any(|l| l == sample),
+            "no {sample:?} in /metrics:\n{}",
+            r.body
+        );
+    }
     assert!(
         r.body.contains("# TYPE"),
         "no # TYPE lines in /metrics:\n{}",

@@ -236,4 +236,8 @@ pub struct Stats {
     pub sessions: u64,
     pub users: u64,
     pub inbox_entries: u64,
+    /// Entries in the dedup table.
+    pub dedup_entries: u64,
+    /// Dedup entries forgotten before their window ended (the table was full).
+    pub dedup_evicted: u64,
 }

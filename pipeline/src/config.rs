@@ -15,6 +15,8 @@ pub struct PipelineConfig {
     pub retention_ms: u64,
     /// How long a (sender, `id`) pair is remembered (PROTOCOL.md §4: 10 minutes).
     pub dedup_window_ms: u64,
+    /// Entries the dedup table holds at most; past it the oldest are forgotten early.
+    pub dedup_max_entries: usize,
     /// Entries per catch-up page after `Open`/`CatchUp`.
     pub catchup_page: usize,
     /// Body bytes of one catch-up or sync page (at least one entry is always sent),
@@ -31,6 +33,7 @@ impl PipelineConfig {
             retention_messages: 10_000,
             retention_ms: 7 * 24 * 3600 * 1000,
             dedup_window_ms: 10 * 60 * 1000,
+            dedup_max_entries: crate::dedup::MAX_ENTRIES_DEFAULT,
             catchup_page: 256,
             page_bytes_max: 1 << 20,
         }

@@ -9,8 +9,13 @@
 //! [forgets](DedupTable::forget) the entries of a batch that fails.
 //!
 //! At a steady send rate the table holds every message of the window, so it is the
-//! pipeline's largest map and the one that grows fastest. Two things keep it from
-//! stalling the pipeline while it grows:
+//! pipeline's largest map and the one that grows fastest: 86 million entries at 144k
+//! messages a second over the default ten minutes. So it also has a bound on entries
+//! (`--dedup-max-entries`): a full table forgets its oldest entry for each new one,
+//! which shortens the window for as long as the rate stays that high, and counts what
+//! it forgot early ([`evicted`](DedupTable::evicted)) for the engine to warn about.
+//!
+//! Two things keep it from stalling the pipeline while it grows:
 //!
 //! - It is split into [`SHARDS`] maps chosen by the key, so growing rehashes one small
 //!   map at a time. One `HashMap` doubling from 256k to 512k entries took the pipeline
@@ -18,8 +23,9 @@
 //!   doubling is [`SHARDS`] times smaller.
 //! - Keys are fixed-size fingerprints, not copies of the two strings, and the expiry
 //!   queue is a list of fixed-size chunks, not one ring that is copied as it doubles.
-//!   An entry costs 70–120 bytes (with the maps' spare room, the batch id included)
-//!   and no allocation of its own; with the two strings copied twice it was about 250.
+//!   An entry costs 90–110 bytes (with the maps' spare room and the expiry queue; 16M
+//!   entries in a release build) and no allocation of its own; with the two strings
+//!   copied twice it was about 250.
 //!
 //! A fingerprint is 128 bits of two SipHash-1-3 keyed with random keys per process.
 //! Two different keys share one with a probability of 2^-128, and a client cannot
@@ -31,6 +37,16 @@ use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher, RandomState};
 
 /// Maps in the table. A power of two.
 pub const SHARDS: usize = 1024;
+
+/// Entries the table holds at most unless configured: about 1.6 GB at ~100 bytes
+/// each, and the full ten-minute window up to ~26k messages a second.
+pub const MAX_ENTRIES_DEFAULT: usize = 16_000_000;
+
+/// The smallest bound the table accepts: well above what the batches that are not
+/// durable yet can hold (one of at most
+/// [`REQUESTS_PER_ROUND`](crate::config::REQUESTS_PER_ROUND) requests, and the one
+/// being written), so an entry is never evicted before its message is durable.
+pub const MAX_ENTRIES_MIN: usize = 65_536;
 
 /// Entries per chunk of the expiry queue.
 const CHUNK: usize = 4096;
@@ -80,6 +96,18 @@ impl Hasher for TakeU64 {
 
 type Shard = HashMap<DedupKey, Accepted, BuildHasherDefault<TakeU64>>;
 
+/// The table's size, for `/metrics` and the engine's warning when it is full.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct DedupStats {
+    /// Entries held.
+    pub entries: u64,
+    /// Entries forgotten before their window ended, to stay within the bound.
+    pub evicted: u64,
+    /// When the oldest entry the expiry queue still names was accepted (ms since the
+    /// Unix epoch): with a full table, about how far back duplicates are still caught.
+    pub oldest_ts: Option<u64>,
+}
+
 /// (sender, `id`) → [`Accepted`], with expiry by age.
 pub struct DedupTable {
     keys: [RandomState; 2],
@@ -87,20 +115,35 @@ pub struct DedupTable {
     /// Keys in acceptance order, for expiry: `(ts, key)`.
     order: ChunkedQueue<(u64, DedupKey)>,
     len: usize,
+    max_len: usize,
+    /// Entries forgotten to stay within `max_len` while still inside the window.
+    evicted: u64,
 }
 
 impl Default for DedupTable {
     fn default() -> Self {
+        Self::new(MAX_ENTRIES_DEFAULT)
+    }
+}
+
+impl DedupTable {
+    /// An empty table that holds at most `max_len` entries (at least
+    /// [`MAX_ENTRIES_MIN`]).
+    pub fn new(max_len: usize) -> Self {
+        assert!(
+            max_len >= MAX_ENTRIES_MIN,
+            "the dedup table holds at least {MAX_ENTRIES_MIN} entries"
+        );
         Self {
             keys: [RandomState::new(), RandomState::new()],
             shards: (0..SHARDS).map(|_| Shard::default()).collect(),
             order: ChunkedQueue::default(),
             len: 0,
+            max_len,
+            evicted: 0,
         }
     }
-}
 
-impl DedupTable {
     /// The key of (`user`, `id`).
     pub fn key(&self, user: &str, id: &str) -> DedupKey {
         DedupKey(
@@ -120,8 +163,9 @@ impl DedupTable {
         (hit.ts >= min_ts).then_some(hit)
     }
 
-    /// Remembers `key` → `accepted`, replacing an older entry.
-    pub fn put(&mut self, key: DedupKey, accepted: Accepted) {
+    /// Remembers `key` → `accepted`, replacing an older entry. A full table forgets
+    /// its oldest entry to make room; returns whether it did.
+    pub fn put(&mut self, key: DedupKey, accepted: Accepted) -> bool {
         if self.shards[Self::shard(key)]
             .insert(key, accepted)
             .is_none()
@@ -129,6 +173,15 @@ impl DedupTable {
             self.len += 1;
         }
         self.order.push((accepted.ts, key));
+        let mut evicted = false;
+        while self.len > self.max_len {
+            // The queue names every entry held, so this ends.
+            if self.pop_oldest() {
+                self.evicted += 1;
+                evicted = true;
+            }
+        }
+        evicted
     }
 
     /// Forgets `key` if batch `batch` holds its entry (the batch failed).
@@ -142,23 +195,42 @@ impl DedupTable {
 
     /// Forgets the entries accepted before `min_ts`.
     pub fn expire(&mut self, min_ts: u64) {
-        while let Some((ts, key)) = self.order.pop_if(|&(ts, _)| ts < min_ts) {
-            let shard = &mut self.shards[Self::shard(key)];
-            // Only forget the key if it was not accepted again later.
-            if shard.get(&key).is_some_and(|a| a.ts == ts) {
-                shard.remove(&key);
-                self.len -= 1;
-                if shard.is_empty() {
-                    // A burst's table shrinks back once the window has passed it.
-                    shard.shrink_to_fit();
-                }
-            }
+        while self.order.front().is_some_and(|&(ts, _)| ts < min_ts) {
+            self.pop_oldest();
         }
+    }
+
+    /// Takes the front of the expiry queue and forgets its entry, unless the key was
+    /// forgotten or accepted again since. Returns whether an entry was forgotten.
+    fn pop_oldest(&mut self) -> bool {
+        let Some((ts, key)) = self.order.pop_if(|_| true) else {
+            return false;
+        };
+        let shard = &mut self.shards[Self::shard(key)];
+        if shard.get(&key).is_none_or(|a| a.ts != ts) {
+            return false;
+        }
+        shard.remove(&key);
+        self.len -= 1;
+        if shard.is_empty() {
+            // A burst's table shrinks back once the window has passed it.
+            shard.shrink_to_fit();
+        }
+        true
     }
 
     /// Keys held.
     pub fn len(&self) -> usize {
         self.len
+    }
+
+    /// What the table holds and what it forgot early.
+    pub fn stats(&self) -> DedupStats {
+        DedupStats {
+            entries: self.len as u64,
+            evicted: self.evicted,
+            oldest_ts: self.order.front().map(|&(ts, _)| ts),
+        }
     }
 
     /// Whether no key is held.
@@ -194,6 +266,10 @@ impl<T: Copy> ChunkedQueue<T> {
                 self.chunks.push_back(chunk);
             }
         }
+    }
+
+    fn front(&self) -> Option<&T> {
+        self.chunks.front()?.get(self.front)
     }
 
     /// Removes and returns the front element if `take` says so.
@@ -287,6 +363,47 @@ mod tests {
         t.expire(n + 2);
         assert_eq!(get(&t, "u", "more", 0), Some((2, n + 2)));
         assert_eq!(t.len(), 1);
+    }
+
+    /// A full table forgets its oldest entries first, counts them, and still expires
+    /// by age; a key forgotten by its failed batch does not count against it.
+    #[test]
+    fn a_full_table_forgets_its_oldest_entries() {
+        let max = MAX_ENTRIES_MIN;
+        let mut t = DedupTable::new(max);
+        let forgotten = t.key("a", "failed");
+        t.put(
+            forgotten,
+            Accepted {
+                msg_id: 0,
+                ts: 0,
+                batch: 7,
+            },
+        );
+        t.forget(forgotten, 7);
+        for i in 0..max as u64 {
+            put(&mut t, "u", &i.to_string(), i, 1 + i);
+        }
+        assert_eq!(t.stats().evicted, 0, "the forgotten key left room");
+        assert_eq!(t.len(), max);
+        put(&mut t, "u", "new", 1, 10 + max as u64);
+        put(&mut t, "u", "newer", 2, 11 + max as u64);
+        let stats = t.stats();
+        assert_eq!((stats.entries, stats.evicted), (max as u64, 2));
+        assert_eq!(stats.oldest_ts, Some(3), "the two oldest went");
+        assert_eq!(get(&t, "u", "0", 0), None);
+        assert_eq!(get(&t, "u", "1", 0), None);
+        assert_eq!(get(&t, "u", "2", 0), Some((2, 3)));
+        assert_eq!(get(&t, "u", "new", 0), Some((1, 10 + max as u64)));
+        t.expire(11 + max as u64);
+        assert_eq!(t.len(), 1);
+        assert_eq!(t.stats().evicted, 2, "expiry is not eviction");
+    }
+
+    #[test]
+    #[should_panic(expected = "at least")]
+    fn a_bound_below_the_minimum_is_refused() {
+        DedupTable::new(MAX_ENTRIES_MIN - 1);
     }
 
     #[test]

@@ -247,12 +247,19 @@ pub struct Engine<S: State = MemState> {
     pending_blocked: HashMap<String, (HashSet<String>, u64)>,
     outputs: VecDeque<(Endpoint, Event)>,
     stats: Stats,
+    /// The dedup table's evictions at the last warning that it is full, and when.
+    dedup_warned: (u64, u64),
 }
+
+/// How often, at most, the engine warns that the dedup table is full.
+pub const DEDUP_FULL_WARN_EVERY_MS: u64 = 60_000;
 
 impl Engine<MemState> {
     /// An engine on empty in-memory state; admin answers go to endpoint `admin`.
     pub fn new(cfg: &PipelineConfig, admin: Endpoint) -> Self {
-        Self::with_state(cfg, admin, MemState::new(cfg.retention_messages))
+        let state =
+            MemState::new(cfg.retention_messages).with_dedup_max_entries(cfg.dedup_max_entries);
+        Self::with_state(cfg, admin, state)
     }
 }
 
@@ -291,6 +298,7 @@ impl<S: State> Engine<S> {
                 log_healthy: true,
                 ..Stats::default()
             },
+            dedup_warned: (0, 0),
         }
     }
 
@@ -731,12 +739,17 @@ impl<S: State> Engine<S> {
                 }
                 AdminReply::Done
             }
-            AdminOp::Stats => AdminReply::Stats(Stats {
-                sessions: self.sessions.len() as u64,
-                users: self.state.users(),
-                inbox_entries: self.state.inbox_entries(),
-                ..self.stats.clone()
-            }),
+            AdminOp::Stats => {
+                let dedup = self.state.dedup_stats();
+                AdminReply::Stats(Stats {
+                    sessions: self.sessions.len() as u64,
+                    users: self.state.users(),
+                    inbox_entries: self.state.inbox_entries(),
+                    dedup_entries: dedup.entries,
+                    dedup_evicted: dedup.evicted,
+                    ..self.stats.clone()
+                })
+            }
         };
         self.outputs
             .push_back((self.admin, Event::Admin { token, reply }));
@@ -806,11 +819,35 @@ impl<S: State> Engine<S> {
                 ts: now_ms,
                 batch: self.pending.id,
             };
-            self.state.put_dedup(key, accepted);
+            self.put_dedup(key, accepted, now_ms);
             self.pending.dedup_keys.push(key);
         }
         self.pending.held.push(origin.held(msg_id, now_ms, false));
         self.push_record(rec);
+    }
+
+    /// Enters `key` in the dedup table, and warns (at most once per
+    /// [`DEDUP_FULL_WARN_EVERY_MS`]) when the table is full and forgets entries that
+    /// are still inside the window.
+    fn put_dedup(&mut self, key: DedupKey, accepted: Accepted, now_ms: u64) {
+        let (warned_evicted, warned_at) = self.dedup_warned;
+        if !self.state.put_dedup(key, accepted)
+            || now_ms.saturating_sub(warned_at) < DEDUP_FULL_WARN_EVERY_MS
+        {
+            return;
+        }
+        let stats = self.state.dedup_stats();
+        let caught_secs = now_ms.saturating_sub(stats.oldest_ts.unwrap_or(now_ms)) / 1000;
+        tracing::warn!(
+            entries = stats.entries,
+            forgotten_early = stats.evicted - warned_evicted,
+            caught_secs,
+            window_secs = self.dedup_window_ms / 1000,
+            "the dedup table is full, so a send retried more than caught_secs after \
+             the original is stored again; raise --dedup-max-entries (about 100 bytes \
+             an entry) or shorten --dedup-window-secs"
+        );
+        self.dedup_warned = (stats.evicted, now_ms);
     }
 
     /// Group membership and block lists. The admin API is `trusted`: a business
@@ -1017,15 +1054,18 @@ impl<S: State> Engine<S> {
                 if deliveries.is_none() {
                     self.share_ids(&mut msg);
                 }
-                // A live message entered the dedup table when it was accepted.
+                // A live message entered the dedup table when it was accepted; a
+                // replayed one outside the window would only be expired again.
                 if let (Some(id), None) = (&dedup_id, &deliveries) {
-                    let key = self.state.dedup_key(&msg.from, id);
-                    let accepted = Accepted {
-                        msg_id: msg.msg_id,
-                        ts: msg.ts,
-                        batch: REPLAYED_BATCH,
-                    };
-                    self.state.put_dedup(key, accepted);
+                    if msg.ts >= now_ms.saturating_sub(self.dedup_window_ms) {
+                        let key = self.state.dedup_key(&msg.from, id);
+                        let accepted = Accepted {
+                            msg_id: msg.msg_id,
+                            ts: msg.ts,
+                            batch: REPLAYED_BATCH,
+                        };
+                        self.put_dedup(key, accepted, now_ms);
+                    }
                 }
                 let min_ts = now_ms.saturating_sub(self.retention_ms);
                 match &msg.to {

@@ -10,7 +10,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use crate::api::{Entry, Message};
-use crate::dedup::{Accepted, DedupKey, DedupTable};
+use crate::dedup::{Accepted, DedupKey, DedupStats, DedupTable};
 use crate::intern::{DeviceId, Interner};
 use crate::sharded::ShardedMap;
 use crate::FastMap;
@@ -67,12 +67,15 @@ pub trait State {
     fn dedup_key(&self, user: &str, id: &str) -> DedupKey;
     /// What `key` was accepted as, if at or after `min_ts`.
     fn dedup(&self, key: DedupKey, min_ts: u64) -> Option<Accepted>;
-    /// Remembers `key` → `accepted`.
-    fn put_dedup(&mut self, key: DedupKey, accepted: Accepted);
+    /// Remembers `key` → `accepted`. Returns whether the table was full and forgot an
+    /// entry inside the window to make room.
+    fn put_dedup(&mut self, key: DedupKey, accepted: Accepted) -> bool;
     /// Forgets `key` if its entry is from batch `batch` (which failed).
     fn forget_dedup(&mut self, key: DedupKey, batch: u64);
     /// Forgets dedup entries accepted before `min_ts`.
     fn expire_dedup(&mut self, min_ts: u64);
+    /// The dedup table's size and what it forgot early.
+    fn dedup_stats(&self) -> DedupStats;
     /// Users with an inbox.
     fn users(&self) -> u64;
     /// Retained inbox entries, all users together.
@@ -210,6 +213,13 @@ impl MemState {
         }
     }
 
+    /// The same state with a dedup table of at most `max` entries (at least
+    /// [`MAX_ENTRIES_MIN`](crate::dedup::MAX_ENTRIES_MIN)).
+    pub fn with_dedup_max_entries(mut self, max: usize) -> Self {
+        self.dedup = DedupTable::new(max);
+        self
+    }
+
     fn inbox_mut(&mut self, user: &str) -> &mut Inbox {
         if !self.inboxes.contains_key(user) {
             self.inboxes.insert(Arc::from(user), Inbox::default());
@@ -330,8 +340,8 @@ impl State for MemState {
         self.dedup.get(key, min_ts)
     }
 
-    fn put_dedup(&mut self, key: DedupKey, accepted: Accepted) {
-        self.dedup.put(key, accepted);
+    fn put_dedup(&mut self, key: DedupKey, accepted: Accepted) -> bool {
+        self.dedup.put(key, accepted)
     }
 
     fn forget_dedup(&mut self, key: DedupKey, batch: u64) {
@@ -340,6 +350,10 @@ impl State for MemState {
 
     fn expire_dedup(&mut self, min_ts: u64) {
         self.dedup.expire(min_ts);
+    }
+
+    fn dedup_stats(&self) -> DedupStats {
+        self.dedup.stats()
     }
 
     fn users(&self) -> u64 {

@@ -946,12 +946,14 @@ fn replay_rebuilds_the_same_state_and_ids_continue() {
             .msg
             .msg_id;
 
+    let c2 = c.clone();
     let mut r = Sim::new(c);
     r.now = s.now;
     for rec in s.log.clone() {
         r.e.replay(rec, r.now);
     }
     assert!(r.e.take_outputs().next().is_none(), "replay answers nobody");
+    assert_eq!(r.stats().dedup_entries, 14, "every send of the window");
     for u in ["alice", "bob", "carol"] {
         assert_eq!(r.e.state().head(u), s.e.state().head(u), "{u}");
         let ours: Vec<_> =
@@ -993,6 +995,15 @@ fn replay_rebuilds_the_same_state_and_ids_continue() {
     let fresh = send_oks(&r.commit());
     assert!(fresh[0].1 > last_id, "msg ids continue above the log's");
     assert_eq!(r.e.state().head("bob"), s.e.state().head("bob") + 1);
+
+    // Replayed after the window, the sends are not remembered at all.
+    let mut late = Sim::new(c2);
+    late.now = s.now + late.e.dedup_window_ms;
+    for rec in s.log.clone() {
+        late.e.replay(rec, late.now);
+    }
+    assert_eq!(late.stats().dedup_entries, 0);
+    assert_eq!(late.e.state().head("bob"), s.e.state().head("bob"));
 }
 
 #[test]
@@ -1058,6 +1069,40 @@ fn stats_count_what_happened() {
     assert!(st.log_healthy);
     s.e.set_log_bytes(4242);
     assert_eq!(s.stats().log_bytes, 4242);
+}
+
+/// A full dedup table forgets its oldest sends first: a retry of one of them is
+/// stored again, a retry of a later one is still a duplicate, and both counts show.
+#[test]
+fn a_full_dedup_table_forgets_the_oldest_sends() {
+    let max = crate::dedup::MAX_ENTRIES_MIN;
+    let mut c = cfg();
+    c.dedup_max_entries = max;
+    let mut s = Sim::new(c);
+    let a = conn(0, 1);
+    s.open(a, "alice", "phone", None);
+    for i in 0..=max {
+        s.send(a, &i.to_string(), user("bob"));
+        if i % 4096 == 0 {
+            s.commit();
+        }
+    }
+    s.commit();
+    let st = s.stats();
+    assert_eq!((st.dedup_entries, st.dedup_evicted), (max as u64, 1));
+    assert_eq!(st.messages_accepted, max as u64 + 1);
+
+    let oks = send_oks(&s.send(a, "1", user("bob")));
+    assert!(oks[0].3, "a later send is still caught, answered at once");
+    s.send(a, "0", user("bob"));
+    let oks = send_oks(&s.commit());
+    assert!(
+        !oks[0].3,
+        "the oldest was forgotten, so its retry is stored again"
+    );
+    let st = s.stats();
+    assert_eq!((st.messages_accepted, st.messages_dup), (max as u64 + 2, 1));
+    assert_eq!((st.dedup_entries, st.dedup_evicted), (max as u64, 2));
 }
 
 #[test]
