@@ -4,8 +4,11 @@
 //!
 //! JSON: the payload is kept in two parts around the decimal `seq` (its width varies,
 //! so the WebSocket header is written per recipient). rkyv: `seq` is a fixed-width
-//! little-endian u64 at a fixed offset of the archive, found once by encoding the
-//! frame with two different values; the copy is patched there.
+//! little-endian u64 at a fixed distance from the end of the archive (rkyv writes the
+//! root object last, and `seq` has a fixed place in it), found once per process by
+//! encoding a frame with two different values; the copy is patched there.
+
+use std::sync::OnceLock;
 
 use serde::Serialize;
 
@@ -62,6 +65,45 @@ struct MsgJson<'a> {
     to: &'a Target,
     body: &'a str,
     ts: u64,
+}
+
+/// Room for an rkyv `msg` archive's root object, beside its strings.
+const RKYV_MSG_ROOT_MAX: usize = 128;
+
+/// The distance from `seq`'s 8 bytes to the end of an rkyv `msg` archive: the same for
+/// every `msg`, because rkyv writes the root object last (its readers find it at the
+/// end) and `seq` has a fixed place in it. Found once, by encoding a frame with `seq` 0
+/// and with `u64::MAX` and comparing.
+fn rkyv_seq_from_end() -> usize {
+    static FROM_END: OnceLock<usize> = OnceLock::new();
+    *FROM_END.get_or_init(|| {
+        let probe = |seq| ServerFrame::Msg {
+            seq,
+            msg_id: 1,
+            from: "a sender past the inline length".into(),
+            from_device: "d".into(),
+            to: Target::User("u".into()),
+            body: "b".into(),
+            ts: 1,
+        };
+        let zero = probe(0).encode(Encoding::Rkyv);
+        let ones = probe(u64::MAX).encode(Encoding::Rkyv);
+        assert_eq!(zero.len(), ones.len(), "rkyv's seq has a fixed width");
+        let at = zero
+            .iter()
+            .zip(&ones)
+            .position(|(a, b)| a != b)
+            .expect("seq is in the archive");
+        assert!(
+            zero[at..at + 8] == [0; 8] && ones[at..at + 8] == [0xff; 8],
+            "seq is 8 contiguous little-endian bytes"
+        );
+        assert!(
+            zero.len() - at <= RKYV_MSG_ROOT_MAX,
+            "seq is in the root object"
+        );
+        zero.len() - at
+    })
 }
 
 impl MsgTemplate {
@@ -123,7 +165,7 @@ impl MsgTemplate {
                 MsgTemplate { enc, bytes, at }
             }
             Encoding::Rkyv => {
-                let mut frame = ServerFrame::Msg {
+                let frame = ServerFrame::Msg {
                     seq: 0,
                     msg_id: parts.msg_id,
                     from: parts.from.to_owned(),
@@ -132,26 +174,13 @@ impl MsgTemplate {
                     body: parts.body.to_owned(),
                     ts: parts.ts,
                 };
-                let zero = frame.encode(enc);
-                if let ServerFrame::Msg { seq, .. } = &mut frame {
-                    *seq = u64::MAX;
-                }
-                let ones = frame.encode(enc);
-                assert_eq!(zero.len(), ones.len(), "rkyv's seq has a fixed width");
-                let at = zero
-                    .iter()
-                    .zip(&ones)
-                    .position(|(a, b)| a != b)
-                    .expect("seq is in the archive");
-                debug_assert!(
-                    zero[at..at + 8] == [0; 8] && ones[at..at + 8] == [0xff; 8],
-                    "seq is 8 contiguous little-endian bytes"
-                );
-                MsgTemplate {
-                    enc,
-                    bytes: zero,
-                    at,
-                }
+                // The root object and the strings, each padded to 8 bytes at most.
+                let strings = parts.from.len() + parts.from_device.len() + parts.body.len();
+                let mut bytes = Vec::with_capacity(RKYV_MSG_ROOT_MAX + strings + 64);
+                frame.encode_into(enc, &mut bytes);
+                let at = bytes.len() - rkyv_seq_from_end();
+                debug_assert_eq!(bytes[at..at + 8], [0; 8], "seq 0 is where it was found");
+                MsgTemplate { enc, bytes, at }
             }
         }
     }
@@ -262,6 +291,40 @@ mod tests {
                         assert_eq!(queue[..3], [1, 2, 3]);
                         assert_eq!(queue[3..], whole[..], "{enc:?} seq {seq}");
                     }
+                }
+            }
+        }
+    }
+
+    /// rkyv keeps short strings inside the root object and longer ones before it: the
+    /// patched `seq` must land right on both sides of that limit, for every field.
+    #[test]
+    fn rkyv_seq_is_found_whatever_the_string_lengths() {
+        let text = |n: usize| "s".repeat(n);
+        for n in 0..=20 {
+            for (from, device, body, to) in [
+                (text(n), text(1), text(1), Target::User(text(1))),
+                (text(1), text(n), text(1), Target::User(text(n))),
+                (text(n), text(n), text(n), Target::Group(text(n))),
+            ] {
+                let frame = |seq| ServerFrame::Msg {
+                    seq,
+                    msg_id: 5,
+                    from: from.clone(),
+                    from_device: device.clone(),
+                    to: to.clone(),
+                    body: body.clone(),
+                    ts: 6,
+                };
+                let t = MsgTemplate::new(&frame(0), Encoding::Rkyv);
+                for seq in [0, 1, 1 << 33, u64::MAX] {
+                    let mut whole = Vec::new();
+                    ws::encode_frame(
+                        Opcode::Binary,
+                        &frame(seq).encode(Encoding::Rkyv),
+                        &mut whole,
+                    );
+                    assert_eq!(t.ws_message(seq), whole, "length {n}, seq {seq}");
                 }
             }
         }
