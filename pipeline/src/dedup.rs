@@ -13,7 +13,7 @@
 //! messages a second over the default ten minutes. So it also has a bound on entries
 //! (`--dedup-max-entries`): a full table forgets its oldest entry for each new one,
 //! which shortens the window for as long as the rate stays that high, and counts what
-//! it forgot early ([`evicted`](DedupTable::evicted)) for the engine to warn about.
+//! it forgot early ([`DedupStats::evicted`]) for the engine to warn about.
 //!
 //! Two things keep it from stalling the pipeline while it grows:
 //!
