@@ -386,6 +386,39 @@ fn sigterm_drains_sessions_and_exits_zero() {
     assert_eq!(st.code(), Some(0), "exit status after SIGTERM: {st:?}");
 }
 
+/// The dedup table's bound is a flag: `--print-config` shows it, and a value below the
+/// minimum is refused before anything starts, with a message naming the flag.
+#[test]
+fn cli_dedup_bound_is_shown_and_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let serve = |bound: &str, extra: &[&str]| {
+        Command::new(bin())
+            .arg("serve")
+            .arg("--data")
+            .arg(&data)
+            .args(["--dedup-max-entries", bound])
+            .args(extra)
+            .output()
+            .expect("run flare serve")
+    };
+    let out = serve("1000000", &["--print-config"]);
+    assert!(out.status.success(), "{out:?}");
+    let config = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        config.lines().any(|l| l == "dedup_max_entries = 1000000"),
+        "{config}"
+    );
+    let out = serve("10", &[]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--dedup-max-entries must be at least 65536"),
+        "{err}"
+    );
+    assert!(!data.exists(), "nothing was started or created");
+}
+
 /// `flare token` mints an HS256 token with sub/dev/exp that the server accepts.
 #[test]
 fn cli_token_is_accepted() {
