@@ -35,7 +35,7 @@ use crate::ids::MsgIds;
 use crate::intern::{DeviceId, Interner};
 use crate::record::{Record, MAX_RECORD_BYTES};
 use crate::sharded::ShardedMap;
-use crate::state::{MemState, Page, State};
+use crate::state::{MemState, Page, State, UserId};
 
 /// Live entries of a commit by endpoint (the index).
 type Routed = Vec<Routes>;
@@ -228,8 +228,9 @@ pub struct Engine<S: State = MemState> {
     state: S,
     ids: MsgIds,
     sessions: ShardedMap<ConnRef, Session>,
-    /// Open sessions per user, one per device; keyed by the state's copy of the user id.
-    online: ShardedMap<Arc<str>, Online>,
+    /// Open sessions per user, one per device; keyed by the identity of the state's
+    /// copy of the user id, which every session of the user holds.
+    online: ShardedMap<UserId, Online>,
     /// Device ids of sessions.
     devices: Interner,
     pending: Batch,
@@ -487,9 +488,10 @@ impl<S: State> Engine<S> {
         now_ms: u64,
     ) {
         let key = self.state.user(&user);
+        let id = UserId::of(&key);
         let device_id = self.devices.intern(&device);
         let sessions = &self.sessions;
-        let older = self.online.get(&key).and_then(|online| {
+        let older = self.online.get(&id).and_then(|online| {
             online
                 .conns()
                 .iter()
@@ -522,10 +524,10 @@ impl<S: State> Engine<S> {
             endpoint: conn.endpoint,
             live: caught_up,
         };
-        match self.online.get_mut(&key) {
+        match self.online.get_mut(&id) {
             Some(online) => online.push(listed),
             None => {
-                self.online.insert(key.clone(), Online::One(listed));
+                self.online.insert(id, Online::One(listed));
             }
         }
         self.sessions.insert(
@@ -554,7 +556,7 @@ impl<S: State> Engine<S> {
         };
         let live = self
             .online
-            .get(&session.user)
+            .get(&UserId::of(&session.user))
             .and_then(|online| online.get(conn))
             .is_some_and(|c| c.live);
         if live {
@@ -575,7 +577,8 @@ impl<S: State> Engine<S> {
         let page = self.bounded(self.state.page(&user, after, self.catchup_page));
         let caught_up = !page.more;
         if caught_up {
-            if let Some(listed) = self.online.get_mut(&user).and_then(|o| o.get_mut(conn)) {
+            let id = UserId::of(&user);
+            if let Some(listed) = self.online.get_mut(&id).and_then(|o| o.get_mut(conn)) {
                 listed.live = true;
             }
         }
@@ -979,14 +982,18 @@ impl<S: State> Engine<S> {
 
     /// The open sessions of `user`.
     fn online_conns(&self, user: &str) -> &[OnlineConn] {
-        self.online.get(user).map_or(&[], Online::conns)
+        self.state
+            .known_user(user)
+            .and_then(|key| self.online.get(&UserId::of(&key)))
+            .map_or(&[], Online::conns)
     }
 
     fn remove_session(&mut self, conn: ConnRef) -> Option<Session> {
         let session = self.sessions.remove(&conn)?;
-        if let Some(online) = self.online.get_mut(&session.user) {
+        let id = UserId::of(&session.user);
+        if let Some(online) = self.online.get_mut(&id) {
             if online.remove(conn) {
-                self.online.remove(&session.user);
+                self.online.remove(&id);
             }
         }
         Some(session)
@@ -1007,11 +1014,12 @@ impl<S: State> Engine<S> {
         min_ts: u64,
         deliveries: Option<&mut Routed>,
     ) {
-        let seq = self.state.append(user, msg, min_ts);
+        let (seq, id) = self.state.append_to(user, msg, min_ts);
         let Some(out) = deliveries else {
             return;
         };
-        for conn in self.online_conns(user) {
+        let online = self.online.get(&id).map_or(&[][..], Online::conns);
+        for conn in online {
             if conn.live {
                 let e = usize::from(conn.endpoint);
                 if out.len() <= e {

@@ -92,6 +92,18 @@ impl<K: Hash + Eq, V> ShardedMap<K, V> {
             .map(|(_, v)| v)
     }
 
+    pub(crate) fn get_key_value_mut<Q>(&mut self, key: &Q) -> Option<(&K, &mut V)>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let hash = self.hash(key);
+        let shard = self.shard(hash);
+        self.tables[shard]
+            .find_mut(hash, |(k, _)| k.borrow() == key)
+            .map(|(k, v)| (&*k, v))
+    }
+
     pub(crate) fn get_key_value<Q>(&self, key: &Q) -> Option<(&K, &V)>
     where
         K: Borrow<Q>,

@@ -43,7 +43,12 @@ pub trait State {
     /// are dropped every [`EXPIRE_EVERY_APPENDS`] appends of an inbox (so the hot path
     /// seldom reads an old message): whoever reads an inbox calls
     /// [`expire`](State::expire) first.
-    fn append(&mut self, user: &str, msg: &Arc<Message>, min_ts: u64) -> u64;
+    fn append(&mut self, user: &str, msg: &Arc<Message>, min_ts: u64) -> u64 {
+        self.append_to(user, msg, min_ts).0
+    }
+    /// [`append`](State::append), also returning the [`UserId`] of the user's copy of
+    /// its id, found by the same lookup.
+    fn append_to(&mut self, user: &str, msg: &Arc<Message>, min_ts: u64) -> (u64, UserId);
     /// Drops `user`'s entries accepted before `min_ts` (ms since the Unix epoch).
     fn expire(&mut self, user: &str, min_ts: u64);
     /// At most `limit` retained entries with `seq > after`.
@@ -80,6 +85,24 @@ pub trait State {
     fn users(&self) -> u64;
     /// Retained inbox entries, all users together.
     fn inbox_entries(&self) -> u64;
+}
+
+/// The identity of a user as the state holds it: the address of the node's one copy
+/// of the user's id ([`State::user`]). A state keeps a user's copy for as long as it
+/// keeps the user, and the engine's sessions hold the copy too, so while a session
+/// lives its user's id cannot move and no other user's can take its place.
+///
+/// The engine keys its presence map by it: finding a member's open sessions then
+/// hashes and compares one word, where hashing and comparing the id's bytes read a
+/// cold cache line per member of a group message.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct UserId(usize);
+
+impl UserId {
+    /// The identity of `user`, a copy the state gave out.
+    pub fn of(user: &Arc<str>) -> UserId {
+        UserId(Arc::as_ptr(user).cast::<u8>() as usize)
+    }
 }
 
 /// How often an append also applies the age retention to its inbox.
@@ -250,24 +273,29 @@ impl State for MemState {
         self.inboxes.get(user).map_or(1, |i| i.first_seq(self.keep))
     }
 
-    fn append(&mut self, user: &str, msg: &Arc<Message>, min_ts: u64) -> u64 {
+    fn append_to(&mut self, user: &str, msg: &Arc<Message>, min_ts: u64) -> (u64, UserId) {
         let keep = self.keep;
         let msg = match &self.last {
             Some(last) if Arc::ptr_eq(last, msg) => last.clone(),
             _ => self.last.insert(Rc::new(msg.clone())).clone(),
         };
         // One lookup for a known user.
-        let (seq, dropped) = match self.inboxes.get_mut(user) {
-            Some(inbox) => inbox.push(msg, keep, min_ts),
+        let (seq, dropped, id) = match self.inboxes.get_key_value_mut(user) {
+            Some((key, inbox)) => {
+                let (seq, dropped) = inbox.push(msg, keep, min_ts);
+                (seq, dropped, UserId::of(key))
+            }
             None => {
                 let mut inbox = Inbox::default();
-                let pushed = inbox.push(msg, keep, min_ts);
-                self.inboxes.insert(Arc::from(user), inbox);
-                pushed
+                let (seq, dropped) = inbox.push(msg, keep, min_ts);
+                let key: Arc<str> = Arc::from(user);
+                let id = UserId::of(&key);
+                self.inboxes.insert(key, inbox);
+                (seq, dropped, id)
             }
         };
         self.entries = self.entries + 1 - dropped;
-        seq
+        (seq, id)
     }
 
     fn expire(&mut self, user: &str, min_ts: u64) {
@@ -480,6 +508,20 @@ mod tests {
         assert_eq!(s.inbox_entries(), 16);
         s.expire("u", 1000);
         assert_eq!(s.inbox_entries(), 0);
+    }
+
+    /// An append names the same user the node's copy of the id does, and no other.
+    #[test]
+    fn an_append_returns_the_users_identity() {
+        let mut s = MemState::new(5);
+        let (_, fresh) = s.append_to("a", &msg(1), 0);
+        let a = s.user("a");
+        assert_eq!(fresh, UserId::of(&a), "the copy the first append made");
+        let b = s.user("b");
+        let (seq, again) = s.append_to("a", &msg(2), 0);
+        assert_eq!((seq, again), (2, UserId::of(&a)));
+        assert_ne!(UserId::of(&a), UserId::of(&b));
+        assert_eq!(s.append_to("b", &msg(3), 0).1, UserId::of(&b));
     }
 
     #[test]
