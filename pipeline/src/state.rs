@@ -32,9 +32,9 @@ pub trait State {
     /// Lowest retained `seq` of `user`'s inbox, `head + 1` when none is retained.
     fn first_seq(&self, user: &str) -> u64;
     /// The node's one copy of `user`'s id, creating the user's (empty) inbox if it has
-    /// none. The engine's session and presence maps keep this copy instead of their own,
-    /// and so does every message the user sends, so an online user's id is stored once
-    /// (DESIGN.md §6).
+    /// none. The engine's sessions keep this copy instead of their own, its presence map
+    /// the copy's [`UserId`], and every message the user sends the copy, so an online
+    /// user's id is stored once (DESIGN.md §6).
     fn user(&mut self, user: &str) -> Arc<str>;
     /// The node's copy of `user`'s id if the user has an inbox.
     fn known_user(&self, user: &str) -> Option<Arc<str>>;
