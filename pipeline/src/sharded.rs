@@ -85,11 +85,7 @@ impl<K: Hash + Eq, V> ShardedMap<K, V> {
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        let hash = self.hash(key);
-        let shard = self.shard(hash);
-        self.tables[shard]
-            .find_mut(hash, |(k, _)| k.borrow() == key)
-            .map(|(_, v)| v)
+        self.get_key_value_mut(key).map(|(_, v)| v)
     }
 
     pub(crate) fn get_key_value_mut<Q>(&mut self, key: &Q) -> Option<(&K, &mut V)>
