@@ -17,7 +17,9 @@ use serde_json::json;
 
 use flare_codec::frame::{ErrorCode, Target};
 use flare_codec::ids::is_valid_id;
-use flare_pipeline::api::{AdminOp, AdminReply, Event, Request, Stats};
+use flare_pipeline::api::{
+    AdminOp, AdminReply, Event, FlushTimes, Request, Stats, FLUSH_BUCKETS_US,
+};
 use flare_shard::mailbox::{self, MonoioWaker, Receiver, Sender};
 
 use crate::metrics::ShardMetrics;
@@ -668,6 +670,7 @@ impl Admin {
                     "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
                 );
             }
+            write_flush_histogram(&mut out, &s.log_flush);
         }
         HttpResponse {
             status: 200,
@@ -675,6 +678,26 @@ impl Admin {
             body: out.into_bytes(),
         }
     }
+}
+
+/// The log's flush times as a Prometheus histogram (cumulative buckets, in seconds).
+fn write_flush_histogram(out: &mut String, times: &FlushTimes) {
+    use std::fmt::Write;
+    let name = "flare_log_flush_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {name} time a group commit took to write and fdatasync the log\n# TYPE {name} histogram"
+    );
+    let mut below = 0;
+    for (bound_us, n) in FLUSH_BUCKETS_US.iter().zip(&times.counts) {
+        below += n;
+        let le = *bound_us as f64 / 1e6;
+        let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {below}");
+    }
+    let count = times.count();
+    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+    let _ = writeln!(out, "{name}_sum {}", times.sum_us as f64 / 1e6);
+    let _ = writeln!(out, "{name}_count {count}");
 }
 
 fn refusal(code: ErrorCode, message: String) -> HttpResponse {

@@ -77,6 +77,42 @@ fn health_ready_and_metrics_need_no_token() {
         "no # TYPE lines in /metrics:\n{}",
         r.body
     );
+    // The flush-time histogram: cumulative buckets ending in +Inf, which is the count.
+    let flush: Vec<(&str, f64)> = r
+        .body
+        .lines()
+        .filter_map(|l| l.strip_prefix("flare_log_flush_seconds_"))
+        .filter_map(|l| l.split_once(' '))
+        .map(|(k, v)| (k, v.parse::<f64>().unwrap()))
+        .collect();
+    let buckets: Vec<f64> = flush
+        .iter()
+        .filter(|(k, _)| k.starts_with("bucket{"))
+        .map(|&(_, v)| v)
+        .collect();
+    let count = flush.iter().find(|(k, _)| *k == "count").map(|&(_, v)| v);
+    assert!(
+        buckets.len() > 2 && buckets.windows(2).all(|w| w[0] <= w[1]),
+        "flush buckets not cumulative:\n{}",
+        r.body
+    );
+    assert!(
+        flush.iter().any(|(k, _)| *k == "bucket{le=\"+Inf\"}"),
+        "no +Inf bucket:\n{}",
+        r.body
+    );
+    assert_eq!(
+        buckets.last().copied(),
+        count,
+        "+Inf bucket is not the count"
+    );
+    // alice's send was made durable by at least one flush.
+    assert!(count.unwrap() >= 1.0, "no flush counted:\n{}", r.body);
+    assert!(
+        flush.iter().any(|&(k, v)| k == "sum" && v > 0.0),
+        "no flush time summed:\n{}",
+        r.body
+    );
 }
 
 #[test]

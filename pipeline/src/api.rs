@@ -240,4 +240,74 @@ pub struct Stats {
     pub dedup_entries: u64,
     /// Dedup entries forgotten before their window ended (the table was full).
     pub dedup_evicted: u64,
+    /// How long the log's flushes took.
+    pub log_flush: FlushTimes,
+}
+
+/// Upper bounds, in µs, of the buckets of [`FlushTimes`]; one more bucket holds
+/// everything longer.
+pub const FLUSH_BUCKETS_US: [u64; 12] = [
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000,
+];
+
+/// A histogram of flush times: a flush (one write and `fdatasync` of a group commit)
+/// is what every acknowledged message waits for, so its tail is the disk's share of
+/// the latency tail.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FlushTimes {
+    /// Flushes per bucket (not cumulative): `counts[i]` took at most
+    /// `FLUSH_BUCKETS_US[i]` and more than the bound before; the last took longer
+    /// than every bound.
+    pub counts: [u64; FLUSH_BUCKETS_US.len() + 1],
+    /// Sum of all flush times, µs.
+    pub sum_us: u64,
+}
+
+impl FlushTimes {
+    pub fn record(&mut self, us: u64) {
+        let bucket = FLUSH_BUCKETS_US.partition_point(|&bound| bound < us);
+        self.counts[bucket] += 1;
+        self.sum_us += us;
+    }
+
+    /// Flushes recorded.
+    pub fn count(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flush_time_lands_in_the_first_bucket_that_holds_it() {
+        let mut t = FlushTimes::default();
+        for us in [
+            0,
+            100,
+            101,
+            999,
+            1_000,
+            1_001,
+            1_000_000,
+            1_000_001,
+            u64::MAX / 2,
+        ] {
+            t.record(us);
+        }
+        let mut want = [0u64; FLUSH_BUCKETS_US.len() + 1];
+        want[0] = 2; // 0 and 100: a bound is inclusive
+        want[1] = 1; // 101
+        want[3] = 2; // 999 and 1000
+        want[4] = 1; // 1001
+        want[11] = 1; // 1 s
+        want[12] = 2; // longer than every bound
+        assert_eq!(t.counts, want);
+        assert_eq!(t.count(), 9);
+        assert_eq!(
+            t.sum_us,
+            100 + 101 + 999 + 1_000 + 1_001 + 1_000_000 + 1_000_001 + u64::MAX / 2
+        );
+    }
 }

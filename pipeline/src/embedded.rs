@@ -25,7 +25,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use flare_shard::mailbox::{drain_wake, Full, Receiver, Sender};
 use glommio::{LocalExecutorBuilder, Placement};
@@ -364,7 +364,9 @@ impl Driver {
             // Group commit: one write + fdatasync for everything pending.
             if let Some(records) = engine.seal() {
                 log.stage(records);
+                let started = Instant::now();
                 let (back, result) = log.flush().await;
+                engine.record_flush(started.elapsed());
                 log = back;
                 finish_flush(&mut engine, &log, result);
                 for (endpoint, event) in engine.take_outputs() {

@@ -22,6 +22,7 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
+use std::time::Duration;
 
 use flare_codec::frame::{ErrorCode, Target};
 
@@ -467,6 +468,12 @@ impl<S: State> Engine<S> {
         self.pending_groups.clear();
         self.pending_blocked.clear();
         self.stats.log_healthy = false;
+    }
+
+    /// Tells the engine how long a flush took (whether or not it succeeded), for `Stats`.
+    pub fn record_flush(&mut self, took: Duration) {
+        let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        self.stats.log_flush.record(us);
     }
 
     /// Tells the engine how many bytes the log holds, for `Stats`.
