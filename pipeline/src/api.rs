@@ -267,7 +267,7 @@ impl FlushTimes {
     pub fn record(&mut self, us: u64) {
         let bucket = FLUSH_BUCKETS_US.partition_point(|&bound| bound < us);
         self.counts[bucket] += 1;
-        self.sum_us += us;
+        self.sum_us = self.sum_us.saturating_add(us);
     }
 
     /// Flushes recorded.
@@ -309,5 +309,9 @@ mod tests {
             t.sum_us,
             100 + 101 + 999 + 1_000 + 1_001 + 1_000_000 + 1_000_001 + u64::MAX / 2
         );
+        // The sum stops at its largest value rather than wrapping.
+        t.record(u64::MAX);
+        assert_eq!(t.sum_us, u64::MAX);
+        assert_eq!(t.counts[12], 3);
     }
 }
