@@ -1022,27 +1022,8 @@ impl<S: State> Engine<S> {
         deliveries: Option<&mut Routed>,
     ) {
         let (seq, id) = self.state.append_to(user, msg, min_ts);
-        let Some(out) = deliveries else {
-            return;
-        };
-        let online = self.online.get(&id).map_or(&[][..], Online::conns);
-        for conn in online {
-            if conn.live {
-                let e = usize::from(conn.endpoint);
-                if out.len() <= e {
-                    out.resize_with(e + 1, Routes::default);
-                }
-                let routes = &mut out[e];
-                // Consecutive entries of one message (a group's members) share its handle.
-                if !routes.msgs.last().is_some_and(|m| Arc::ptr_eq(m, msg)) {
-                    routes.msgs.push(msg.clone());
-                }
-                routes.items.push(Live {
-                    conn: conn.conn,
-                    seq,
-                    msg: routes.msgs.len() - 1,
-                });
-            }
+        if let Some(out) = deliveries {
+            route(&self.online, out, msg, seq, id);
         }
     }
 
@@ -1092,11 +1073,13 @@ impl<S: State> Engine<S> {
                         }
                     }
                     Target::Group(g) => {
-                        // A handle on the member set, not a copy of every member id.
-                        let members = self.state.group_shared(g).unwrap_or_default();
-                        for user in members.iter() {
-                            self.append_and_route(user, &msg, min_ts, deliveries.as_deref_mut());
-                        }
+                        let online = &self.online;
+                        let mut out = deliveries.as_deref_mut();
+                        self.state.append_to_group(g, &msg, min_ts, |seq, id| {
+                            if let Some(out) = out.as_deref_mut() {
+                                route(online, out, &msg, seq, id);
+                            }
+                        });
                     }
                 }
                 if deliveries.is_some() {
@@ -1118,6 +1101,36 @@ impl<S: State> Engine<S> {
             Record::PutBlocked { user, users } => {
                 self.state.put_blocked(&user, users.into_iter().collect())
             }
+        }
+    }
+}
+
+/// Adds the inbox entry `seq` of `msg` to the deliveries of the user `id`'s live
+/// sessions.
+fn route(
+    online: &ShardedMap<UserId, Online>,
+    out: &mut Routed,
+    msg: &Arc<Message>,
+    seq: u64,
+    id: UserId,
+) {
+    let conns = online.get(&id).map_or(&[][..], Online::conns);
+    for conn in conns {
+        if conn.live {
+            let e = usize::from(conn.endpoint);
+            if out.len() <= e {
+                out.resize_with(e + 1, Routes::default);
+            }
+            let routes = &mut out[e];
+            // Consecutive entries of one message (a group's members) share its handle.
+            if !routes.msgs.last().is_some_and(|m| Arc::ptr_eq(m, msg)) {
+                routes.msgs.push(msg.clone());
+            }
+            routes.items.push(Live {
+                conn: conn.conn,
+                seq,
+                msg: routes.msgs.len() - 1,
+            });
         }
     }
 }

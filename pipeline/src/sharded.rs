@@ -111,6 +111,25 @@ impl<K: Hash + Eq, V> ShardedMap<K, V> {
             .map(|(k, v)| (k, v))
     }
 
+    /// The hash `key` is filed under, for [`find_hashed_mut`](Self::find_hashed_mut).
+    pub(crate) fn hash_of<Q: Hash + ?Sized>(&self, key: &Q) -> u64 {
+        self.hash(key)
+    }
+
+    /// The entry filed under `hash` (from [`hash_of`](Self::hash_of)) whose key `is`
+    /// accepts. A caller that holds a key it took from the map can compare addresses,
+    /// not the key's contents.
+    pub(crate) fn find_hashed_mut(
+        &mut self,
+        hash: u64,
+        mut is: impl FnMut(&K) -> bool,
+    ) -> Option<(&K, &mut V)> {
+        let shard = self.shard(hash);
+        self.tables[shard]
+            .find_mut(hash, |(k, _)| is(k))
+            .map(|(k, v)| (&*k, v))
+    }
+
     pub(crate) fn contains_key<Q>(&self, key: &Q) -> bool
     where
         K: Borrow<Q>,
@@ -211,6 +230,30 @@ mod tests {
         assert!(
             most < 2 * n as usize / SHARDS,
             "{most} keys in one map of {SHARDS}"
+        );
+    }
+
+    #[test]
+    fn a_key_taken_from_the_map_finds_its_entry_by_address_across_a_split() {
+        let mut m: ShardedMap<Rc<str>, u32> = ShardedMap::default();
+        m.insert(Rc::from("early"), 1);
+        let key = m.get_key_value("early").expect("inserted").0.clone();
+        let hash = m.hash_of("early");
+        assert_eq!(hash, m.hash_of(&key), "a key and its text hash alike");
+        for i in 0..SPLIT_AT_LEN as u32 {
+            m.insert(Rc::from(format!("user-{i}").as_str()), i);
+        }
+        assert_eq!(m.tables.len(), SHARDS, "split");
+        let (found, value) = m
+            .find_hashed_mut(hash, |k| Rc::ptr_eq(k, &key))
+            .expect("still there after the split");
+        assert!(Rc::ptr_eq(found, &key));
+        *value += 1;
+        assert_eq!(m["early"], 2);
+        let other: Rc<str> = Rc::from("early");
+        assert!(
+            m.find_hashed_mut(hash, |k| Rc::ptr_eq(k, &other)).is_none(),
+            "an equal key at another address is not the map's"
         );
     }
 }

@@ -59,9 +59,16 @@ pub trait State {
     fn set_cursor(&mut self, user: &str, device: &str, seq: u64);
     /// A group's members, `None` for an unknown group.
     fn group(&self, group: &str) -> Option<&BTreeSet<String>>;
-    /// A group's members as a shared handle, to walk while the state changes (a group
-    /// message appends to every member's inbox).
-    fn group_shared(&self, group: &str) -> Option<Rc<BTreeSet<String>>>;
+    /// [`append_to`](State::append_to) for every member of `group`, in the order of
+    /// their ids, calling `each` with the member's new `seq` and [`UserId`]. Nothing
+    /// for an unknown group.
+    fn append_to_group(
+        &mut self,
+        group: &str,
+        msg: &Arc<Message>,
+        min_ts: u64,
+        each: impl FnMut(u64, UserId),
+    );
     /// Replaces (creates) a group.
     fn put_group(&mut self, group: &str, members: BTreeSet<String>);
     /// Whether `user` refuses messages from `from`.
@@ -176,12 +183,30 @@ pub struct MemState {
     inboxes: ShardedMap<Arc<str>, Inbox>,
     /// Device ids of ack cursors.
     devices: Interner,
-    groups: FastMap<String, Rc<BTreeSet<String>>>,
+    groups: FastMap<String, Group>,
     dedup: DedupTable,
     entries: u64,
     /// The message appended last, so the appends of one message (to a group's members,
     /// or to the sender's and the recipient's inboxes) share one [`Stored`].
     last: Option<Stored>,
+}
+
+/// A group: its members' ids, and where each member's inbox is filed.
+struct Group {
+    members: BTreeSet<String>,
+    /// One per member, in the order of `members`.
+    inboxes: Vec<MemberInbox>,
+}
+
+/// Where a group member's inbox is filed: the hash of the member's id, and the node's
+/// copy of the id if the member had an inbox when the group was put (else a copy of
+/// its own, which becomes the inbox's key when the first message makes the inbox).
+/// A group message finds each member's inbox by the hash and the copy's address, so it
+/// neither hashes nor compares the member's id (cold lines, a thousand of them for a
+/// group of a thousand).
+struct MemberInbox {
+    hash: u64,
+    key: Arc<str>,
 }
 
 impl Inbox {
@@ -243,6 +268,15 @@ impl MemState {
         self
     }
 
+    /// The [`Stored`] handle of `msg`, shared with the appends of the same message
+    /// before it.
+    fn stored(&mut self, msg: &Arc<Message>) -> Stored {
+        match &self.last {
+            Some(last) if Arc::ptr_eq(last, msg) => last.clone(),
+            _ => self.last.insert(Rc::new(msg.clone())).clone(),
+        }
+    }
+
     fn inbox_mut(&mut self, user: &str) -> &mut Inbox {
         if !self.inboxes.contains_key(user) {
             self.inboxes.insert(Arc::from(user), Inbox::default());
@@ -275,10 +309,7 @@ impl State for MemState {
 
     fn append_to(&mut self, user: &str, msg: &Arc<Message>, min_ts: u64) -> (u64, UserId) {
         let keep = self.keep;
-        let msg = match &self.last {
-            Some(last) if Arc::ptr_eq(last, msg) => last.clone(),
-            _ => self.last.insert(Rc::new(msg.clone())).clone(),
-        };
+        let msg = self.stored(msg);
         // One lookup for a known user.
         let (seq, dropped, id) = match self.inboxes.get_key_value_mut(user) {
             Some((key, inbox)) => {
@@ -338,15 +369,64 @@ impl State for MemState {
     }
 
     fn group(&self, group: &str) -> Option<&BTreeSet<String>> {
-        self.groups.get(group).map(|m| &**m)
+        self.groups.get(group).map(|g| &g.members)
     }
 
-    fn group_shared(&self, group: &str) -> Option<Rc<BTreeSet<String>>> {
-        self.groups.get(group).cloned()
+    fn append_to_group(
+        &mut self,
+        group: &str,
+        msg: &Arc<Message>,
+        min_ts: u64,
+        mut each: impl FnMut(u64, UserId),
+    ) {
+        let keep = self.keep;
+        let msg = self.stored(msg);
+        let Some(group) = self.groups.get_mut(group) else {
+            return;
+        };
+        for member in &mut group.inboxes {
+            let found = self
+                .inboxes
+                .find_hashed_mut(member.hash, |key| Arc::ptr_eq(key, &member.key));
+            let (seq, dropped, id) = match found {
+                Some((key, inbox)) => {
+                    let (seq, dropped) = inbox.push(msg.clone(), keep, min_ts);
+                    (seq, dropped, UserId::of(key))
+                }
+                // The member had no inbox when the group was put, and has one now or
+                // gets it here: either way the handle then names the inbox's key.
+                None => match self.inboxes.get_key_value_mut(&*member.key) {
+                    Some((key, inbox)) => {
+                        member.key = key.clone();
+                        let (seq, dropped) = inbox.push(msg.clone(), keep, min_ts);
+                        (seq, dropped, UserId::of(key))
+                    }
+                    None => {
+                        let mut inbox = Inbox::default();
+                        let (seq, dropped) = inbox.push(msg.clone(), keep, min_ts);
+                        self.inboxes.insert(member.key.clone(), inbox);
+                        (seq, dropped, UserId::of(&member.key))
+                    }
+                },
+            };
+            self.entries = self.entries + 1 - dropped;
+            each(seq, id);
+        }
     }
 
     fn put_group(&mut self, group: &str, members: BTreeSet<String>) {
-        self.groups.insert(group.to_owned(), Rc::new(members));
+        let inboxes = members
+            .iter()
+            .map(|id| MemberInbox {
+                hash: self.inboxes.hash_of(id.as_str()),
+                key: self
+                    .inboxes
+                    .get_key_value(id.as_str())
+                    .map_or_else(|| Arc::from(id.as_str()), |(key, _)| key.clone()),
+            })
+            .collect();
+        self.groups
+            .insert(group.to_owned(), Group { members, inboxes });
     }
 
     fn blocks(&self, user: &str, from: &str) -> bool {
@@ -458,6 +538,38 @@ mod tests {
         assert_eq!(Arc::strong_count(&m), 1, "expired everywhere");
         let p = s.page("a", 0, 10);
         assert!(p.entries.is_empty());
+    }
+
+    #[test]
+    fn a_group_message_reaches_every_member_however_its_inbox_came_to_be() {
+        let mut s = MemState::new(5);
+        // "old" has an inbox before the group is put, "late" gets one after it (by a
+        // direct message, under a copy of the id that is not the group's), "never" only
+        // by the group's message.
+        s.append("old", &msg(1), 0);
+        let members: BTreeSet<String> = ["late", "never", "old"].map(String::from).into();
+        s.put_group("g", members.clone());
+        assert_eq!(s.group("g"), Some(&members));
+        let late = s.user("late");
+        s.append("late", &msg(2), 0);
+        let mut got = Vec::new();
+        let m = msg(3);
+        s.append_to_group("g", &m, 0, |seq, id| got.push((seq, id)));
+        let ids = ["late", "never", "old"].map(|u| UserId::of(&s.known_user(u).expect("inbox")));
+        assert_eq!(got, vec![(2, ids[0]), (1, ids[1]), (2, ids[2])]);
+        assert_eq!(ids[0], UserId::of(&late), "the inbox kept its key");
+        assert_eq!(s.users(), 3);
+        assert_eq!(s.inbox_entries(), 5);
+        assert_eq!(Arc::strong_count(&m), 2, "one handle for the three entries");
+        // Again, now that every member's handle names its inbox.
+        got.clear();
+        s.append_to_group("g", &msg(4), 0, |seq, id| got.push((seq, id)));
+        assert_eq!(got, vec![(3, ids[0]), (2, ids[1]), (3, ids[2])]);
+        for (user, head) in [("late", 3), ("never", 2), ("old", 3)] {
+            assert_eq!(s.head(user), head, "{user}");
+        }
+        s.append_to_group("nobody", &msg(5), 0, |_, _| panic!("no such group"));
+        assert_eq!(s.inbox_entries(), 8);
     }
 
     /// Entries out of retention are freed in batches, and never seen meanwhile.
