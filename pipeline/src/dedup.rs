@@ -23,17 +23,21 @@
 //!   doubling is [`SHARDS`] times smaller.
 //! - Keys are fixed-size fingerprints, not copies of the two strings, and the expiry
 //!   queue is a list of fixed-size chunks, not one ring that is copied as it doubles.
-//!   An entry costs 90–110 bytes (with the maps' spare room and the expiry queue; 16M
-//!   entries in a release build) and no allocation of its own; with the two strings
-//!   copied twice it was about 250.
+//!   An entry costs 85–115 bytes (with the maps' spare room and the expiry queue; 1M
+//!   to 16M entries in a release build) and no allocation of its own; with the two
+//!   strings copied twice it was about 250.
+//!
+//! A map keeps each key beside what it maps to (`Slot`), so a new send's
+//! lookup, which misses the caches at this size, brings in the line its entry is then
+//! written to.
 //!
 //! A fingerprint is 128 bits of two SipHash-1-3 keyed with random keys per process.
 //! Two different keys share one with a probability of 2^-128, and a client cannot
 //! aim for a collision without the keys. The table is rebuilt from the log at start,
 //! under the new process's keys.
 
-use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher, RandomState};
+use std::collections::VecDeque;
+use std::hash::{BuildHasher, RandomState};
 
 /// Maps in the table. A power of two.
 pub const SHARDS: usize = 1024;
@@ -51,12 +55,16 @@ pub const MAX_ENTRIES_MIN: usize = 65_536;
 /// Entries per chunk of the expiry queue.
 const CHUNK: usize = 4096;
 
-/// The fingerprint of a (sender, client `id`) pair, computed once per message.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+/// The fingerprint of a (sender, client `id`) pair, computed once per message. Never
+/// all zeros, which marks a free slot.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default)]
 pub struct DedupKey(u64, u64);
 
+/// The key of a free slot.
+const FREE: DedupKey = DedupKey(0, 0);
+
 /// What the table remembers of an accepted message.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
 pub struct Accepted {
     /// The message's `msg_id`.
     pub msg_id: u64,
@@ -66,35 +74,100 @@ pub struct Accepted {
     pub batch: u64,
 }
 
-impl Hash for DedupKey {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        // Already uniformly random: the maps use it as it is (see `TakeU64`).
-        state.write_u64(self.0);
-    }
+/// A key and what it maps to, side by side: a lookup reads the line that an insert
+/// then writes. (A `HashMap` kept its control bytes apart from its entries, so a new
+/// key cost two cache misses, the lookup's and the insert's.)
+#[derive(Clone, Copy, Default)]
+struct Slot {
+    key: DedupKey,
+    accepted: Accepted,
 }
 
-/// A hasher for keys that are random already: the hash is the last `u64` written.
+/// One of the table's maps: open addressing with linear probing from the slot that the
+/// key's low bits name (the key is random already), at most three quarters full, and
+/// removal by shifting the entries after a hole back, so no slot is ever a tombstone.
 #[derive(Default)]
-struct TakeU64(u64);
+struct Shard {
+    /// A power of two of them, or none.
+    slots: Box<[Slot]>,
+    len: usize,
+}
 
-impl Hasher for TakeU64 {
-    fn finish(&self) -> u64 {
-        self.0
+impl Shard {
+    fn home(&self, key: DedupKey) -> usize {
+        key.0 as usize & (self.slots.len() - 1)
     }
 
-    fn write(&mut self, bytes: &[u8]) {
-        // Only `DedupKey` is hashed here, through `write_u64`; fold anything else.
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+    /// The slot holding `key`, or the free slot where it would go. `None` when the
+    /// shard has no slots.
+    fn probe(&self, key: DedupKey) -> Option<usize> {
+        if self.slots.is_empty() {
+            return None;
+        }
+        let mask = self.slots.len() - 1;
+        let mut i = self.home(key);
+        // At most three quarters full, so a free slot ends every probe.
+        while self.slots[i].key != key && self.slots[i].key != FREE {
+            i = (i + 1) & mask;
+        }
+        Some(i)
+    }
+
+    fn get(&self, key: DedupKey) -> Option<&Accepted> {
+        let slot = &self.slots[self.probe(key)?];
+        (slot.key == key).then_some(&slot.accepted)
+    }
+
+    /// Enters or replaces `key`; returns whether it is new.
+    fn insert(&mut self, key: DedupKey, accepted: Accepted) -> bool {
+        if 4 * (self.len + 1) > 3 * self.slots.len() {
+            self.grow();
+        }
+        let i = self.probe(key).expect("grown above");
+        let new = self.slots[i].key == FREE;
+        self.slots[i] = Slot { key, accepted };
+        self.len += usize::from(new);
+        new
+    }
+
+    fn grow(&mut self) {
+        let size = (2 * self.slots.len()).max(16);
+        let old = std::mem::replace(&mut self.slots, vec![Slot::default(); size].into());
+        for slot in old.iter().filter(|s| s.key != FREE) {
+            let i = self.probe(slot.key).expect("just made");
+            self.slots[i] = *slot;
         }
     }
 
-    fn write_u64(&mut self, v: u64) {
-        self.0 = v;
+    fn remove(&mut self, key: DedupKey) -> bool {
+        let Some(mut hole) = self.probe(key).filter(|&i| self.slots[i].key == key) else {
+            return false;
+        };
+        // Move back every entry after the hole, up to the next free slot, whose probe
+        // passes over the hole: its home is not cyclically in (hole, i].
+        let mask = self.slots.len() - 1;
+        let mut i = hole;
+        loop {
+            i = (i + 1) & mask;
+            let slot = self.slots[i];
+            if slot.key == FREE {
+                break;
+            }
+            let home = self.home(slot.key);
+            if (i.wrapping_sub(home) & mask) >= (i.wrapping_sub(hole) & mask) {
+                self.slots[hole] = slot;
+                hole = i;
+            }
+        }
+        self.slots[hole] = Slot::default();
+        self.len -= 1;
+        if self.len == 0 {
+            // A burst's map shrinks back once the window has passed it.
+            self.slots = Box::default();
+        }
+        true
     }
 }
-
-type Shard = HashMap<DedupKey, Accepted, BuildHasherDefault<TakeU64>>;
 
 /// The table's size, for `/metrics` and the engine's warning when it is full.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
@@ -146,30 +219,34 @@ impl DedupTable {
 
     /// The key of (`user`, `id`).
     pub fn key(&self, user: &str, id: &str) -> DedupKey {
-        DedupKey(
+        let key = DedupKey(
             self.keys[0].hash_one((user, id)),
             self.keys[1].hash_one((user, id)),
-        )
+        );
+        // All zeros marks a free slot. Moving that one fingerprint onto another keeps
+        // the chance of two keys sharing one at about 2^-128.
+        if key == FREE {
+            DedupKey(0, 1)
+        } else {
+            key
+        }
     }
 
     fn shard(key: DedupKey) -> usize {
-        // The high bits: hashbrown takes the bucket from the low ones of `key.0`.
+        // The high bits: a shard takes the slot from the low ones of `key.0`.
         (key.1 >> 32) as usize & (SHARDS - 1)
     }
 
     /// What `key` was accepted as, if at or after `min_ts`.
     pub fn get(&self, key: DedupKey, min_ts: u64) -> Option<Accepted> {
-        let hit = *self.shards[Self::shard(key)].get(&key)?;
+        let hit = *self.shards[Self::shard(key)].get(key)?;
         (hit.ts >= min_ts).then_some(hit)
     }
 
     /// Remembers `key` → `accepted`, replacing an older entry. A full table forgets
     /// its oldest entry to make room; returns whether it did.
     pub fn put(&mut self, key: DedupKey, accepted: Accepted) -> bool {
-        if self.shards[Self::shard(key)]
-            .insert(key, accepted)
-            .is_none()
-        {
+        if self.shards[Self::shard(key)].insert(key, accepted) {
             self.len += 1;
         }
         self.order.push((accepted.ts, key));
@@ -187,8 +264,8 @@ impl DedupTable {
     /// Forgets `key` if batch `batch` holds its entry (the batch failed).
     pub fn forget(&mut self, key: DedupKey, batch: u64) {
         let shard = &mut self.shards[Self::shard(key)];
-        if shard.get(&key).is_some_and(|a| a.batch == batch) {
-            shard.remove(&key);
+        if shard.get(key).is_some_and(|a| a.batch == batch) {
+            shard.remove(key);
             self.len -= 1;
         }
     }
@@ -207,15 +284,11 @@ impl DedupTable {
             return false;
         };
         let shard = &mut self.shards[Self::shard(key)];
-        if shard.get(&key).is_none_or(|a| a.ts != ts) {
+        if shard.get(key).is_none_or(|a| a.ts != ts) {
             return false;
         }
-        shard.remove(&key);
+        shard.remove(key);
         self.len -= 1;
-        if shard.is_empty() {
-            // A burst's table shrinks back once the window has passed it.
-            shard.shrink_to_fit();
-        }
         true
     }
 
@@ -306,6 +379,55 @@ mod tests {
 
     fn get(t: &DedupTable, user: &str, id: &str, min_ts: u64) -> Option<(u64, u64)> {
         t.get(t.key(user, id), min_ts).map(|a| (a.msg_id, a.ts))
+    }
+
+    /// Keys crowded onto five home slots (the first, the second, the last of a small
+    /// map, two in the middle) so that probes collide, run into each other and wrap
+    /// around, and removals shift long runs back; checked against a `HashMap`.
+    #[test]
+    fn a_shard_agrees_with_a_map_through_collisions_removals_and_growth() {
+        let mut shard = Shard::default();
+        let mut model = std::collections::HashMap::new();
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let lows = [0, 1, 15, 255, 1023];
+        for step in 0..300_000u64 {
+            let r = next();
+            let n = r % 700;
+            let key = DedupKey((n << 20) | lows[(n % 5) as usize], 1);
+            let accepted = Accepted {
+                msg_id: step,
+                ts: step,
+                batch: r >> 40,
+            };
+            match (r >> 10) % 10 {
+                0..=4 => assert_eq!(
+                    shard.insert(key, accepted),
+                    model.insert(key, accepted).is_none()
+                ),
+                5..=7 => assert_eq!(shard.remove(key), model.remove(&key).is_some()),
+                _ => assert_eq!(shard.get(key), model.get(&key)),
+            }
+            assert_eq!(shard.len, model.len());
+            if step % 10_000 == 0 {
+                for (k, a) in &model {
+                    assert_eq!(shard.get(*k), Some(a), "step {step}");
+                }
+            }
+        }
+        for k in model.keys() {
+            assert!(shard.remove(*k));
+        }
+        assert_eq!(shard.len, 0);
+        assert!(
+            shard.slots.is_empty(),
+            "an emptied map gives its slots back"
+        );
     }
 
     #[test]
