@@ -285,6 +285,29 @@ impl MemState {
     }
 }
 
+/// Pushes `msg` to `user`'s inbox, made under `new_key()` if the user has none: the
+/// entry's `seq`, how many entries the push dropped, and the identity of the inbox's
+/// key. One lookup for a known user.
+fn push_to(
+    inboxes: &mut ShardedMap<Arc<str>, Inbox>,
+    user: &str,
+    new_key: impl FnOnce() -> Arc<str>,
+    msg: Stored,
+    keep: usize,
+    min_ts: u64,
+) -> (u64, u64, UserId) {
+    if let Some((key, inbox)) = inboxes.get_key_value_mut(user) {
+        let (seq, dropped) = inbox.push(msg, keep, min_ts);
+        return (seq, dropped, UserId::of(key));
+    }
+    let mut inbox = Inbox::default();
+    let (seq, dropped) = inbox.push(msg, keep, min_ts);
+    let key = new_key();
+    let id = UserId::of(&key);
+    inboxes.insert(key, inbox);
+    (seq, dropped, id)
+}
+
 impl State for MemState {
     fn user(&mut self, user: &str) -> Arc<str> {
         if let Some((key, _)) = self.inboxes.get_key_value(user) {
@@ -308,23 +331,15 @@ impl State for MemState {
     }
 
     fn append_to(&mut self, user: &str, msg: &Arc<Message>, min_ts: u64) -> (u64, UserId) {
-        let keep = self.keep;
         let msg = self.stored(msg);
-        // One lookup for a known user.
-        let (seq, dropped, id) = match self.inboxes.get_key_value_mut(user) {
-            Some((key, inbox)) => {
-                let (seq, dropped) = inbox.push(msg, keep, min_ts);
-                (seq, dropped, UserId::of(key))
-            }
-            None => {
-                let mut inbox = Inbox::default();
-                let (seq, dropped) = inbox.push(msg, keep, min_ts);
-                let key: Arc<str> = Arc::from(user);
-                let id = UserId::of(&key);
-                self.inboxes.insert(key, inbox);
-                (seq, dropped, id)
-            }
-        };
+        let (seq, dropped, id) = push_to(
+            &mut self.inboxes,
+            user,
+            || Arc::from(user),
+            msg,
+            self.keep,
+            min_ts,
+        );
         self.entries = self.entries + 1 - dropped;
         (seq, id)
     }
@@ -393,21 +408,25 @@ impl State for MemState {
                     let (seq, dropped) = inbox.push(msg.clone(), keep, min_ts);
                     (seq, dropped, UserId::of(key))
                 }
-                // The member had no inbox when the group was put, and has one now or
-                // gets it here: either way the handle then names the inbox's key.
-                None => match self.inboxes.get_key_value_mut(&*member.key) {
-                    Some((key, inbox)) => {
+                // The member had no inbox when the group was put, and has one now
+                // (under another copy of the id) or gets it here under the group's:
+                // either way the handle then names the inbox's key.
+                None => {
+                    let user = &*member.key;
+                    let pushed = push_to(
+                        &mut self.inboxes,
+                        user,
+                        || member.key.clone(),
+                        msg.clone(),
+                        keep,
+                        min_ts,
+                    );
+                    if pushed.2 != UserId::of(&member.key) {
+                        let (key, _) = self.inboxes.get_key_value(user).expect("pushed to");
                         member.key = key.clone();
-                        let (seq, dropped) = inbox.push(msg.clone(), keep, min_ts);
-                        (seq, dropped, UserId::of(key))
                     }
-                    None => {
-                        let mut inbox = Inbox::default();
-                        let (seq, dropped) = inbox.push(msg.clone(), keep, min_ts);
-                        self.inboxes.insert(member.key.clone(), inbox);
-                        (seq, dropped, UserId::of(&member.key))
-                    }
-                },
+                    pushed
+                }
             };
             self.entries = self.entries + 1 - dropped;
             each(seq, id);
