@@ -280,7 +280,7 @@ impl DedupTable {
     /// Takes the front of the expiry queue and forgets its entry, unless the key was
     /// forgotten or accepted again since. Returns whether an entry was forgotten.
     fn pop_oldest(&mut self) -> bool {
-        let Some((ts, key)) = self.order.pop_if(|_| true) else {
+        let Some((ts, key)) = self.order.pop_front() else {
             return false;
         };
         let shard = &mut self.shards[Self::shard(key)];
@@ -345,13 +345,10 @@ impl<T: Copy> ChunkedQueue<T> {
         self.chunks.front()?.get(self.front)
     }
 
-    /// Removes and returns the front element if `take` says so.
-    fn pop_if(&mut self, take: impl FnOnce(&T) -> bool) -> Option<T> {
+    /// Removes and returns the front element.
+    fn pop_front(&mut self) -> Option<T> {
         let first = self.chunks.front()?;
         let item = *first.get(self.front)?;
-        if !take(&item) {
-            return None;
-        }
         self.front += 1;
         if self.front == first.len() && (first.len() == CHUNK || self.chunks.len() > 1) {
             self.chunks.pop_front();
@@ -559,12 +556,14 @@ mod tests {
             q.push(i);
         }
         for i in 0..10 {
-            assert_eq!(q.pop_if(|_| true), Some(i));
+            assert_eq!(q.front(), Some(&i));
+            assert_eq!(q.pop_front(), Some(i));
         }
-        assert_eq!(q.pop_if(|_| true), None);
+        assert_eq!(q.front(), None);
+        assert_eq!(q.pop_front(), None);
         q.push(42);
-        assert_eq!(q.pop_if(|&v| v > 50), None);
-        assert_eq!(q.pop_if(|&v| v == 42), Some(42));
-        assert_eq!(q.pop_if(|_| true), None);
+        assert_eq!(q.front(), Some(&42));
+        assert_eq!(q.pop_front(), Some(42));
+        assert_eq!(q.pop_front(), None);
     }
 }
