@@ -189,8 +189,9 @@ pub struct Config {
 /// on every core it shares one with a shard, waiting for its turn there. On this
 /// project's 2-core machine, with the load generator on the same cores, one shard
 /// instead of two raised the chat maximum over rkyv from 283k to 367k msgs/s and took
-/// the p99 at 100k msgs/s from 18.6 to 3.6 ms, while fan-out stayed within a step of
-/// the search (the README's figures, `bench/compare --flare-args "--shards N"`).
+/// the p99 at 100k msgs/s from 18.6 to 3.6 ms, while fan-out's best step fell from
+/// 5868 to 4934–5600 msgs/s: one thread then writes every delivery (the README's
+/// figures, `bench/compare --flare-args "--shards N"`).
 pub fn default_shards(cores: usize) -> usize {
     cores.saturating_sub(1).max(1)
 }
