@@ -18,7 +18,6 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
 use std::pin::pin;
 use std::rc::Rc;
-use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -26,8 +25,9 @@ use flare_codec::frame::{ClientFrame, Encoding, ErrorCode, GoawayReason, ServerF
 use flare_codec::ids::is_valid_id;
 use flare_codec::ws::{self, WsDecoder, WsEvent};
 use flare_codec::Decoded;
-use flare_pipeline::api::{Entry, Message, Request, SessionIds};
+use flare_pipeline::api::{Entry, Request, SessionIds};
 
+use crate::deliver::DeliverRun;
 use crate::jwt::{self, TokenError};
 use crate::metrics::ShardMetrics;
 use crate::shard::{msg_frame, now_ms, Shard};
@@ -638,6 +638,12 @@ impl Conn {
     /// failed, or a close was requested.
     pub fn write_queued(&self, shard: &Shard) {
         self.write_later.set(false);
+        self.write_now(shard);
+    }
+
+    /// Writes what is queued; wakes the task if the socket did not take it all, the
+    /// write failed, or a close was requested.
+    fn write_now(&self, shard: &Shard) {
         match self.write_some(shard) {
             Ok(true) if self.st.borrow().close.is_none() => {}
             _ => self.wake(),
@@ -723,19 +729,29 @@ impl Conn {
         self.wake();
     }
 
-    pub fn on_live(&self, shard: &Shard, msg: &Arc<Message>, seq: u64) {
+    /// Queues this connection's entries of a run of `Deliver`s (the chain from
+    /// `first`) and writes its queue at once, while it is in the cache (see
+    /// [`crate::deliver`]).
+    pub fn on_live_run(&self, shard: &Shard, run: &DeliverRun, first: u32) {
         let mut st = self.st.borrow_mut();
-        if st.phase != Phase::Open {
+        if st.phase != Phase::Open || st.delivery != Delivery::Live {
             return;
         }
-        if st.delivery != Delivery::Live || seq <= st.delivered {
-            return;
-        }
-        st.delivered = seq;
         let enc = st.enc;
-        st.push_with(shard, |buf| shard.write_live_msg(msg, seq, enc, buf));
+        let mut queued = false;
+        for live in run.chain(first) {
+            // An earlier connection in this slot, or an entry already written.
+            if live.conn != self.id || live.seq <= st.delivered {
+                continue;
+            }
+            st.delivered = live.seq;
+            st.push_with(shard, |buf| run.write_msg(live, enc, buf));
+            queued = true;
+        }
         drop(st);
-        self.write_later(shard);
+        if queued {
+            self.write_now(shard);
+        }
     }
 
     pub fn on_timer(&self, shard: &Shard, now: u64) {

@@ -5,6 +5,7 @@
 mod admin;
 mod config;
 mod conn;
+mod deliver;
 mod jwt;
 mod metrics;
 mod notify;

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use flare_codec::frame::{Encoding, GoawayReason, MsgParts, MsgTemplate, ServerFrame};
+use flare_codec::frame::{Encoding, GoawayReason, ServerFrame};
 use flare_codec::ws::{self, Opcode};
 use flare_pipeline::api::{ConnRef, Event, Message, Request};
 use flare_shard::mailbox::{self, MonoioWaker, Receiver, Sender};
@@ -18,6 +18,7 @@ use flare_shard::timer::TimerWheel;
 
 use crate::config::Limits;
 use crate::conn::{self, Conn, OutPool, Phase};
+use crate::deliver::DeliverRun;
 use crate::metrics::ShardMetrics;
 use crate::notify::Notify;
 
@@ -61,9 +62,9 @@ pub struct Shard {
     pub draining: Arc<AtomicBool>,
     pub drain_started: Cell<bool>,
     pub stop_accepting: Notify,
-    /// The message of the latest live delivery, encoded once per encoding: a group
-    /// message's deliveries come one after another, and differ only by `seq`.
-    live_msg: RefCell<Option<LiveMsg>>,
+    /// `Deliver` events taken from the mailbox one after another, to be written
+    /// connection by connection ([`deliver_run`](Self::deliver_run)).
+    run: RefCell<DeliverRun>,
     /// Emptied outbound queues, for the next connection that queues something.
     pub out_pool: OutPool,
     /// When `out_pool` was last trimmed, ms since the Unix epoch.
@@ -71,13 +72,6 @@ pub struct Shard {
     /// Connections that pipeline events queued frames for, to be written once the
     /// mailbox is empty ([`Conn::write_later`]).
     pub write_later: RefCell<Vec<u64>>,
-}
-
-/// A message and its templates (JSON, rkyv), made on first use.
-struct LiveMsg {
-    /// Held, so its address cannot be reused by another message while cached.
-    msg: Arc<Message>,
-    templates: [Option<MsgTemplate>; 2],
 }
 
 /// Milliseconds since the Unix epoch.
@@ -115,42 +109,30 @@ impl Shard {
             draining,
             drain_started: Cell::new(false),
             stop_accepting: Notify::default(),
-            live_msg: RefCell::new(None),
+            run: RefCell::new(DeliverRun::default()),
             out_pool: OutPool::default(),
             pool_trimmed_ms: Cell::new(now_ms()),
             write_later: RefCell::new(Vec::new()),
         }
     }
 
-    /// Appends to `out` the WebSocket message of a live `msg` frame of `msg` at `seq`
-    /// in `enc`. The frame is encoded once per message and encoding, and each
-    /// recipient's `seq` written into its copy (DESIGN.md §4).
-    pub fn write_live_msg(&self, msg: &Arc<Message>, seq: u64, enc: Encoding, out: &mut Vec<u8>) {
-        let mut cache = self.live_msg.borrow_mut();
-        let live = match &mut *cache {
-            Some(live) if Arc::ptr_eq(&live.msg, msg) => live,
-            slot => slot.insert(LiveMsg {
-                msg: msg.clone(),
-                templates: [None, None],
-            }),
-        };
-        let i = match enc {
-            Encoding::Json => 0,
-            Encoding::Rkyv => 1,
-        };
-        live.templates[i]
-            .get_or_insert_with(|| {
-                let parts = MsgParts {
-                    msg_id: msg.msg_id,
-                    from: &msg.from,
-                    from_device: &msg.from_device,
-                    to: &msg.to,
-                    body: &msg.body,
-                    ts: msg.ts,
-                };
-                MsgTemplate::of(&parts, enc)
-            })
-            .write_ws_message(seq, out);
+    /// Writes the gathered run of `Deliver` events, one connection at a time: its
+    /// entries are queued and its queue sent before the next connection's (see
+    /// [`crate::deliver`]). Called before any other event is handled, so every
+    /// connection sees its frames in the order the pipeline sent them.
+    pub fn deliver_run(&self) {
+        let mut run = self.run.borrow_mut();
+        if run.is_empty() {
+            return;
+        }
+        run.chain_by_slot();
+        for &first in run.firsts() {
+            // The slot's connection now, found from the first entry that names it.
+            if let Some(c) = run.chain(first).find_map(|live| self.conn(live.conn)) {
+                c.on_live_run(self, &run, first);
+            }
+        }
+        run.clear();
     }
 
     /// Appends the WebSocket message of `frame` in `enc` to `out` (a connection's
@@ -271,11 +253,8 @@ impl Shard {
                 }
             }
             Event::Deliver { msgs, items } => {
-                for live in items {
-                    if let Some(c) = self.conn(live.conn) {
-                        c.on_live(self, &msgs[live.msg], live.seq);
-                    }
-                }
+                self.run.borrow_mut().gather(msgs, items);
+                self.deliver_run();
             }
             Event::SendOk {
                 conn,
@@ -435,8 +414,15 @@ pub async fn run(init: ShardInit, listener: std::net::TcpListener) {
     monoio::spawn(async move {
         loop {
             while let Some(ev) = events.try_recv() {
-                s.handle_event(ev);
+                match ev {
+                    Event::Deliver { msgs, items } => s.run.borrow_mut().gather(msgs, items),
+                    ev => {
+                        s.deliver_run();
+                        s.handle_event(ev);
+                    }
+                }
             }
+            s.deliver_run();
             // Every event that was waiting is handled: what they queued goes out now,
             // one `send` per connection however many of them it got.
             s.write_queued();
